@@ -1,0 +1,3 @@
+from vpexport.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""The `vpexport` command line.
+
+Commands live in `vpexport/commands/<name>.py` and are imported only when invoked, so
+`vpexport --help` and recipe checks stay instant (no torch import). Every VpexportError
+becomes one line on stderr and its class's exit code; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from vpexport.errors import VpexportError
+
+# name -> (module, attribute, one-line help). The single table of CLI commands.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "plan": ("vpexport.commands.plan", "plan", "Show a recipe's segments, static shapes, FLOPs and KV-cache bytes."),
+    "run": ("vpexport.commands.run", "run", "Answer a prompt about an image (PyTorch recipe or exported artifacts)."),
+    "testbed": ("vpexport.testbed.cli", "testbed", "Build, train and synthesise the project's testbed models and data."),
+    "eval": ("vpexport.commands.eval", "eval_cmd", "Accuracy of a recipe's schedule on its eval split."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(name for name, (mod, _, _) in COMMANDS.items() if importlib.util.find_spec(mod) is not None)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        mod, attr, _ = COMMANDS[name]
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                return None
+            raise
+        return getattr(module, attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(n, COMMANDS[n][2]) for n in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vpexport")
+def cli():
+    """vpexport: compile a LLaVA-style model into static-shape, visual-token-pruned artifacts."""
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="vpexport", standalone_mode=False)
+    except VpexportError as e:
+        click.echo(f"error: {e.one_line()}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
