@@ -18,26 +18,18 @@ from vpexport.errors import VpexportError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("vpexport.commands.plan", "plan", "Show a recipe's segments, static shapes, FLOPs and KV-cache bytes."),
     "run": ("vpexport.commands.run", "run", "Answer a prompt about an image (PyTorch recipe or exported artifacts)."),
-    "testbed": ("vpexport.testbed.cli", "testbed", "Build, train and synthesise the project's testbed models and data."),
-    "eval": ("vpexport.commands.eval", "eval_cmd", "Accuracy of a recipe's schedule on its eval split."),
 }
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return sorted(name for name, (mod, _, _) in COMMANDS.items() if importlib.util.find_spec(mod) is not None)
+        return sorted(COMMANDS)
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
         mod, attr, _ = COMMANDS[name]
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                return None
-            raise
-        return getattr(module, attr)
+        return getattr(importlib.import_module(mod), attr)
 
     def format_commands(self, ctx, formatter):
         rows = [(n, COMMANDS[n][2]) for n in self.list_commands(ctx)]
