@@ -1,0 +1,20 @@
+"""Strict recipes: one YAML file describes model, task, pruning, export, engine, validation, deploy.
+
+    from vpexport.recipe import load_recipe
+    r = load_recipe("recipes/llava7b_vqa.yaml")   # RecipeError (exit 2, one line) on any problem
+    arch = r.resolve_arch(); layout = r.layout(arch); sched = r.schedule(arch)
+"""
+
+from vpexport.recipe.loader import Recipe, expand_env, load_recipe, recipe_from_dict, save_resolved
+from vpexport.recipe.schema import BASELINE_METHODS, auto_candidates, methods_markdown
+
+__all__ = [
+    "Recipe",
+    "load_recipe",
+    "recipe_from_dict",
+    "save_resolved",
+    "expand_env",
+    "auto_candidates",
+    "methods_markdown",
+    "BASELINE_METHODS",
+]

@@ -1,0 +1,304 @@
+"""The recipe schema: strict pydantic v2 models, one per YAML section.
+
+Every model forbids unknown keys. Cross-field rules raise `PydanticCustomError("recipe", ...)`
+whose context carries the exact sub-field and a fix, so the loader can turn the first problem
+into ONE `RecipeError` line (see `vpexport/recipe/loader.py`). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from vpexport.arch.builtin import BUILTIN_ARCHS
+from vpexport.arch.layout import IMAGE_PLACEHOLDER
+from vpexport.pruning.methods import METHODS
+
+# Methods that `method: auto` calibration tries (the baselines are never picked automatically).
+BASELINE_METHODS = ("none", "random", "uniform")
+
+
+def auto_candidates() -> list[str]:
+    """The methods `pruning.method: auto` calibrates and compares, in METHODS order."""
+    return [m for m in METHODS if m not in BASELINE_METHODS]
+
+
+def recipe_error(msg: str, sub: str = "", fix: str = "") -> PydanticCustomError:
+    """A cross-field problem. `sub` is the field path relative to the model raising it."""
+    return PydanticCustomError("recipe", "{msg}", {"msg": msg, "sub": sub, "fix": fix})
+
+
+class Strict(BaseModel):
+    # strict: YAML already gives native types, so "288" (a string) is not silently an int
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+
+
+# --------------------------------------------------------------------------- model
+class ModelSection(Strict):
+    path: str | None = None  # local save_pretrained directory (relative to the recipe's folder unless absolute)
+    arch: str | None = None  # built-in architecture (weight-free planning only)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.arch is None):
+            raise recipe_error(
+                "give exactly one of path / arch" + (" (both are set)" if self.path is not None else ""),
+                fix="path: a save_pretrained directory, or arch: one of " + ", ".join(BUILTIN_ARCHS),
+            )
+        if self.path is not None and not self.path.strip():
+            raise recipe_error("is empty", sub="path", fix="give a save_pretrained directory")
+        if self.arch is not None and self.arch not in BUILTIN_ARCHS:
+            import difflib
+
+            close = difflib.get_close_matches(self.arch, list(BUILTIN_ARCHS), n=1)
+            raise recipe_error(
+                f"unknown built-in architecture {self.arch!r}",
+                sub="arch",
+                fix=f"did you mean {close[0]!r}?" if close else "use one of " + ", ".join(BUILTIN_ARCHS),
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- task
+class DataSection(Strict):
+    calib: str | None = None  # JSONL, relative to the recipe's folder unless absolute
+    eval: str | None = None
+
+
+class TaskSection(Strict):
+    type: Literal["vqa", "caption"]
+    data: DataSection = Field(default_factory=DataSection)
+    prompt: str
+    max_new_tokens: int = Field(8, ge=1)
+    text_tokens: int = Field(40, ge=1)  # planning estimate of tokens after the image when there is no tokenizer
+
+    @model_validator(mode="after")
+    def _prompt(self):
+        n = self.prompt.count(IMAGE_PLACEHOLDER)
+        if n != 1:
+            raise recipe_error(
+                f"the prompt must contain the image placeholder {IMAGE_PLACEHOLDER} exactly once (found {n})",
+                sub="prompt",
+                fix=f"write e.g. 'USER: {IMAGE_PLACEHOLDER}\\n{{question}} ASSISTANT:'",
+            )
+        if "{question}" not in self.prompt:
+            raise recipe_error("the prompt has no {question} slot", sub="prompt", fix="put {question} where the question goes")
+        return self
+
+
+# --------------------------------------------------------------------------- pruning
+class PointSection(Strict):
+    layer: int
+    keep: int | None = None  # visual tokens kept from this layer on
+    keep_fraction: float | None = Field(None, gt=0, le=1)  # of the visual tokens present at this point
+
+
+class CalibrateSection(Strict):
+    tolerance: float = Field(0.01, ge=0, le=1)  # max absolute accuracy drop vs dense (fraction)
+    max_samples: int = Field(200, ge=1)
+    seed: int = 0
+
+
+class PruningSection(Strict):
+    method: str
+    points: list[PointSection] | None = None
+    sink_layers: int = Field(0, ge=0)
+    seed: int = 0
+    calibrate: CalibrateSection | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        import difflib
+
+        names = list(METHODS) + ["auto"]
+        if self.method not in names:
+            close = difflib.get_close_matches(self.method, names, n=1)
+            raise recipe_error(
+                f"unknown method {self.method!r}",
+                sub="method",
+                fix=f"did you mean {close[0]!r}?" if close else "use one of " + ", ".join(names),
+            )
+        if self.points is not None and self.calibrate is not None:
+            raise recipe_error(
+                "points and calibrate are mutually exclusive",
+                sub="calibrate",
+                fix="remove points to let calibration choose them, or remove calibrate to use your points",
+            )
+        if self.method == "auto":
+            if self.calibrate is None:
+                raise recipe_error(
+                    "method auto needs calibrate",
+                    sub="method",
+                    fix="add calibrate: {tolerance: 0.01} or name a method (" + ", ".join(auto_candidates()) + ")",
+                )
+            if self.sink_layers:
+                raise recipe_error(
+                    "sink_layers cannot be set with method auto (calibration chooses it)", sub="sink_layers", fix="remove it"
+                )
+            return self
+        spec = METHODS[self.method]
+        if self.sink_layers and not spec.uses_sink:
+            sinkers = [m for m, s in METHODS.items() if s.uses_sink]
+            raise recipe_error(
+                f"method {self.method} has no sink stage",
+                sub="sink_layers",
+                fix="remove sink_layers (or use " + ", ".join(sinkers) + ")",
+            )
+        if self.calibrate is not None:
+            if self.method == "none":
+                raise recipe_error("method none has nothing to calibrate", sub="calibrate", fix="remove calibrate")
+            return self
+        points = self.points if self.points is not None else []
+        if self.points is None and spec.rules:
+            d = spec.default(32, 576, "vqa")
+            example = ", ".join(f"{{layer: {p.layer}, keep: {p.keep}}}" for p in d.points)
+            raise recipe_error(
+                f"method {self.method} needs points or calibrate",
+                sub="points",
+                fix=f"add points: [{example}] (the published default) or calibrate: {{tolerance: 0.01}}",
+            )
+        if len(points) != len(spec.rules):
+            raise recipe_error(
+                f"method {self.method} takes {len(spec.rules)} prune point(s) ({', '.join(spec.rules) or 'none'}), got {len(points)}",
+                sub="points",
+                fix=f"give exactly {len(spec.rules)} point(s), one per rule in that order",
+            )
+        for i, p in enumerate(points):
+            if (p.keep is None) == (p.keep_fraction is None):
+                raise recipe_error(
+                    "give exactly one of keep / keep_fraction",
+                    sub=f"points[{i}]",
+                    fix="e.g. keep: 288 or keep_fraction: 0.5",
+                )
+            if spec.rules[i] == "drop_all" and p.keep != 0:
+                raise recipe_error(
+                    f"point {i} of {self.method} drops every visual token (rule drop_all)",
+                    sub=f"points[{i}].keep",
+                    fix="set keep: 0",
+                )
+        return self
+
+
+# --------------------------------------------------------------------------- export / engine / validate / deploy
+class TextLengthSection(Strict):
+    mode: Literal["padded", "dynamic"] = "padded"
+    max: int = Field(64, ge=1)  # tokens after the image (instruction + answer prefix), padded to this in padded mode
+
+
+class BatchSection(Strict):
+    max: int = Field(8, ge=1)
+
+
+class ExportSection(Strict):
+    opset: int = Field(18, ge=14, le=23)
+    precision: Literal["fp32", "fp16"] = "fp32"
+    text_length: TextLengthSection = Field(default_factory=TextLengthSection)
+    batch: BatchSection = Field(default_factory=BatchSection)
+
+
+class EngineSection(Strict):
+    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
+    workspace_gb: float = Field(4, gt=0)
+    timing_cache: str | None = None  # path, relative to the recipe's folder unless absolute
+    version_compatible: bool = False
+
+
+class ValidateSection(Strict):
+    samples: int = Field(50, ge=1)
+    atol: float | None = Field(None, ge=0)  # null -> per-precision default
+    rtol: float | None = Field(None, ge=0)
+    min_generation_match: float = Field(1.0, ge=0, le=1)
+
+
+class TritonSection(Strict):
+    enabled: bool = False
+    max_batch_size: int = Field(8, ge=1)
+    max_queue_delay_us: int = Field(100, ge=0)
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    instances: int = Field(1, ge=1)
+    device: Literal["cpu", "gpu"] = "cpu"
+    mode: Literal["inprocess", "bls"] = "inprocess"
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        for i, b in enumerate(self.preferred_batch_sizes):
+            if not 1 <= b <= self.max_batch_size:
+                raise recipe_error(
+                    f"{b} is outside 1..max_batch_size ({self.max_batch_size})",
+                    sub=f"preferred_batch_sizes[{i}]",
+                    fix=f"use sizes between 1 and {self.max_batch_size}",
+                )
+        if self.preferred_batch_sizes != sorted(set(self.preferred_batch_sizes)):
+            raise recipe_error(
+                "must be strictly increasing", sub="preferred_batch_sizes", fix="list each size once, smallest first"
+            )
+        return self
+
+
+class JetsonSection(Strict):
+    enabled: bool = False
+
+
+class DeploySection(Strict):
+    triton: TritonSection = Field(default_factory=TritonSection)
+    jetson: JetsonSection = Field(default_factory=JetsonSection)
+
+
+# --------------------------------------------------------------------------- the recipe
+class RecipeModel(Strict):
+    """The validated document. `vpexport.recipe.Recipe` adds resolution methods on top."""
+
+    name: str | None = None
+    model: ModelSection
+    task: TaskSection
+    pruning: PruningSection
+    export: ExportSection = Field(default_factory=ExportSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    # `validate` is a (deprecated) BaseModel method name, so the attribute is `validation`.
+    validation: ValidateSection = Field(default_factory=ValidateSection, alias="validate")
+    deploy: DeploySection = Field(default_factory=DeploySection)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        t = self.deploy.triton
+        if t.enabled and t.max_batch_size > self.export.batch.max:
+            raise recipe_error(
+                f"max_batch_size {t.max_batch_size} is larger than export.batch.max ({self.export.batch.max})",
+                sub="deploy.triton.max_batch_size",
+                fix=f"use at most {self.export.batch.max}, or raise export.batch.max",
+            )
+        if self.model.arch is not None and t.enabled:
+            raise recipe_error(
+                "a built-in arch has no weights to deploy",
+                sub="deploy.triton.enabled",
+                fix="use model.path (a save_pretrained directory) or set enabled: false",
+            )
+        if self.task.text_tokens > self.export.text_length.max and self.model.arch is not None:
+            raise recipe_error(
+                f"text_tokens {self.task.text_tokens} is more than export.text_length.max ({self.export.text_length.max})",
+                sub="task.text_tokens",
+                fix=f"raise export.text_length.max to at least {self.task.text_tokens}",
+            )
+        return self
+
+
+def methods_markdown() -> str:
+    """The method table of docs/recipes.md, generated from METHODS (a test keeps the doc in sync)."""
+    rows = [
+        "| method | points (rule of each, in order) | sink_layers | published default (32 layers, 576 tokens, vqa) | reference |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in METHODS.items():
+        d = m.default(32, 576, "vqa")
+        pts = ", ".join(f"layer {p.layer} keep {p.keep}" for p in d.points) or "-"
+        if d.sink_layers:
+            pts += f"; sink_layers {d.sink_layers}"
+        rules = ", ".join(f"`{r}`" for r in m.rules) or "(none)"
+        rows.append(f"| `{name}` | {rules} | {'yes' if m.uses_sink else 'no'} | {pts} | {m.reference} |")
+    rows.append(
+        f"| `auto` | calibration tries {', '.join(f'`{c}`' for c in auto_candidates())} | no | - (needs `calibrate`) | - |"
+    )
+    return "\n".join(rows)
