@@ -1,0 +1,174 @@
+"""FLOPs accounting, exact and in the papers' convention. Pure Python (no torch).
+
+Conventions (see docs/recipes.md, "FLOPs conventions"):
+
+* 1 multiply-add = 2 FLOPs. Biases, norms, activations, RoPE and softmax are ignored
+  (they are O(n*d), negligible next to the matmuls); the final norm is ignored.
+* Exact prefill FLOPs, per decoder layer l with n_l = prefix + visual_l + text tokens
+  (visual_l from `Schedule.visual_per_layer`), hidden d, heads H, KV heads KV, head dim hd,
+  FFN width m:
+      q_proj 2*n*d*(H*hd);  k_proj, v_proj 2*n*d*(KV*hd) each (GQA-aware);  o_proj 2*n*(H*hd)*d
+      attention QK^T and AV: 2*n*n*(H*hd) each -- the FULL n x n rectangle, not the causal
+        triangle, because the dense attention kernels we export to (ONNX Runtime / TensorRT
+        MatMul-Softmax-MatMul, SDPA math) compute the whole rectangle and mask it;
+      SwiGLU FFN: 3 matrices, 2*n*d*m each.
+  lm_head only on the last position of each sample: 2*d*V.
+* Scoring overhead at each prune point K (read from layer K-1, n = tokens at layer K-1,
+  visual_in = visual tokens at layer K-1): last_token_attention 2*1*n*(H*hd);
+  text_attention 2*text*n*(H*hd); visual_attention 2*visual_in*n*(H*hd);
+  value_contribution 2*1*n*(H*hd) + 2*visual_in*(H*hd); random / uniform / drop_all 0.
+* Vision tower: patch conv 2*patches*(C*p*p)*dv, then `vision.layers_run` encoder layers at
+  n_v = patches + 1 (CLS): q,k,v,o 4 matrices 2*n_v*dv*dv each, attention 2*2*n_v*n_v*dv,
+  MLP 2*2*n_v*dv*mv. Projector (2 linear layers): 2*N*dv*d + 2*N*d*d, N = arch.visual_tokens.
+* Everything is multiplied by the batch size.
+
+The papers' convention (`paper_flops`, FastV / HiMAP): per decoder layer
+f(n) = 4nd^2 + 2n^2 d + 2ndm with n = the VISUAL tokens only; ratio = sum_l f(n_l) / (L * f(N)).
+Counting only the image tokens is what reproduces HiMAP's published 24% for K1=2/288, K2=8/72
+on LLaVA-1.5-7B (we get 0.2463), and FastV K=3 R=50% gives 0.5403 (the ~57% FastV quotes counts
+system and instruction tokens too: see `ratio_all_tokens`).
+"""
+
+from __future__ import annotations
+
+from vpexport.arch.layout import PromptLayout
+from vpexport.arch.spec import ArchSpec, TextSpec
+from vpexport.pruning.schedule import Schedule
+
+LAYER_COMPONENTS = ("q_proj", "k_proj", "v_proj", "o_proj", "attn_qk", "attn_av", "ffn")
+
+
+def decoder_layer_flops(t: TextSpec, n: int, kv_len: int | None = None) -> dict[str, int]:
+    """One decoder layer on `n` query tokens attending to `kv_len` keys (default n: prefill)."""
+    kv_len = n if kv_len is None else kv_len
+    d, qd, kvd, m = t.hidden, t.heads * t.head_dim, t.kv_heads * t.head_dim, t.intermediate
+    return {
+        "q_proj": 2 * n * d * qd,
+        "k_proj": 2 * n * d * kvd,
+        "v_proj": 2 * n * d * kvd,
+        "o_proj": 2 * n * qd * d,
+        "attn_qk": 2 * n * kv_len * qd,
+        "attn_av": 2 * n * kv_len * qd,
+        "ffn": 3 * 2 * n * d * m,
+    }
+
+
+def scoring_flops(rule: str, t: TextSpec, n: int, text: int, visual_in: int) -> int:
+    """Extra FLOPs of one prune point's scoring (per sample); read from layer K-1's tensors."""
+    qd = t.heads * t.head_dim
+    if rule == "last_token_attention":
+        return 2 * 1 * n * qd
+    if rule == "text_attention":
+        return 2 * text * n * qd
+    if rule == "visual_attention":
+        return 2 * visual_in * n * qd
+    if rule == "value_contribution":
+        return 2 * 1 * n * qd + 2 * visual_in * qd
+    if rule in ("random", "uniform", "drop_all"):
+        return 0
+    raise ValueError(f"unknown scoring rule {rule!r}")
+
+
+def vision_flops(arch: ArchSpec, batch: int = 1) -> dict[str, int]:
+    v, d = arch.vision, arch.text.hidden
+    patches, dv, mv = v.patches, v.hidden, v.intermediate
+    nv = patches + 1
+    patch_embed = 2 * patches * (v.channels * v.patch_size * v.patch_size) * dv
+    per_layer = 4 * 2 * nv * dv * dv + 2 * 2 * nv * nv * dv + 2 * 2 * nv * dv * mv
+    encoder = v.layers_run * per_layer
+    N = arch.visual_tokens
+    projector = 2 * N * dv * d + 2 * N * d * d
+    out = {"patch_embed": patch_embed, "encoder": encoder, "projector": projector}
+    out = {k: x * batch for k, x in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _tokens_per_layer(arch: ArchSpec, schedule: Schedule | None, layout: PromptLayout) -> tuple[list[int], list[int]]:
+    L, N = arch.text.layers, layout.visual
+    vis = (schedule or Schedule("none")).visual_per_layer(L, N)
+    return vis, [layout.prefix + v + layout.text for v in vis]
+
+
+def prefill_flops(arch: ArchSpec, schedule: Schedule | None, layout: PromptLayout) -> dict:
+    """Exact prefill FLOPs, dense vs pruned, with a per-component and per-layer breakdown."""
+    t, b, L = arch.text, layout.batch, arch.text.layers
+    dense_n = layout.prefix + layout.visual + layout.text
+    vis, ns = _tokens_per_layer(arch, schedule, layout)
+
+    def zero():
+        return {k: 0 for k in LAYER_COMPONENTS} | {"scoring": 0, "lm_head": 0}
+
+    dense_c, pruned_c, per_layer = zero(), zero(), []
+    dense_layer = decoder_layer_flops(t, dense_n)
+    for layer in range(L):
+        pl = decoder_layer_flops(t, ns[layer])
+        for k in LAYER_COMPONENTS:
+            dense_c[k] += dense_layer[k] * b
+            pruned_c[k] += pl[k] * b
+        per_layer.append(
+            {"layer": layer, "visual": vis[layer], "tokens": ns[layer], "dense": sum(dense_layer.values()) * b, "pruned": sum(pl.values()) * b}
+        )
+    scoring = []
+    for p in (schedule.points if schedule else ()):
+        k = p.layer
+        f = scoring_flops(p.rule, t, ns[k - 1], layout.text, vis[k - 1]) * b
+        scoring.append({"layer": k, "rule": p.rule, "flops": f})
+        pruned_c["scoring"] += f
+        per_layer[k - 1]["pruned"] += f
+    lm = 2 * t.hidden * t.vocab * b
+    dense_c["lm_head"] = pruned_c["lm_head"] = lm
+    dense, pruned = sum(dense_c.values()), sum(pruned_c.values())
+    vision = vision_flops(arch, b)
+    return {
+        "batch": b,
+        "components": {"dense": dense_c, "pruned": pruned_c},
+        "scoring": scoring,
+        "per_layer": per_layer,
+        "vision": vision,
+        "dense": dense,
+        "pruned": pruned,
+        "ratio": pruned / dense,
+        "with_vision": {
+            "dense": dense + vision["total"],
+            "pruned": pruned + vision["total"],
+            "ratio": (pruned + vision["total"]) / (dense + vision["total"]),
+        },
+    }
+
+
+def decode_step_flops(arch: ArchSpec, schedule: Schedule | None, layout: PromptLayout, generated: int = 0) -> dict:
+    """FLOPs of one decode step (1 new token per sample) after `generated` tokens were already
+    produced. Layer l's cache holds n_l + generated entries (n_l follows the segments: pruned
+    layers cache only the kept visual tokens); the new token attends to those plus itself."""
+    t, b, L = arch.text, layout.batch, arch.text.layers
+    dense_kv = layout.prefix + layout.visual + layout.text + generated
+    _, ns = _tokens_per_layer(arch, schedule, layout)
+    kv = [n + generated for n in ns]
+    lm = 2 * t.hidden * t.vocab * b
+    dense = sum(sum(decoder_layer_flops(t, 1, dense_kv + 1).values()) for _ in range(L)) * b + lm
+    pruned = sum(sum(decoder_layer_flops(t, 1, c + 1).values()) for c in kv) * b + lm
+    return {"generated": generated, "cache_len_per_layer": kv, "dense": dense, "pruned": pruned, "ratio": pruned / dense}
+
+
+def paper_layer_flops(n: int, d: int, m: int) -> int:
+    """f(n) = 4nd^2 + 2n^2 d + 2ndm (FastV / HiMAP)."""
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+def paper_flops(arch: ArchSpec, schedule: Schedule | None, layout: PromptLayout | None = None) -> dict:
+    """The papers' convention, n = visual tokens only: ratio = sum_l f(n_l) / (L * f(N)).
+
+    With `layout`, also `ratio_all_tokens`: the same formula with n = prefix + visual_l + text."""
+    t, L, N = arch.text, arch.text.layers, arch.visual_tokens
+    vis = (schedule or Schedule("none")).visual_per_layer(L, N)
+    d, m = t.hidden, t.intermediate
+    dense = L * paper_layer_flops(N, d, m)
+    pruned = sum(paper_layer_flops(n, d, m) for n in vis)
+    out = {"convention": "f(n)=4nd^2+2n^2d+2ndm, n=visual tokens", "dense": dense, "pruned": pruned, "ratio": pruned / dense}
+    if layout is not None:
+        extra = layout.prefix + layout.text
+        d_all = L * paper_layer_flops(N + extra, d, m)
+        p_all = sum(paper_layer_flops(n + extra, d, m) for n in vis)
+        out["ratio_all_tokens"] = p_all / d_all
+    return out
