@@ -27,6 +27,13 @@ def _bytes(x: float) -> str:
     return f"{x:.0f} B"
 
 
+def _count(x: int) -> str:
+    for unit, s in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if x >= s:
+            return f"{x / s:.2f} {unit}"
+    return str(x)
+
+
 def _segments(recipe, arch, layout, sched) -> list[dict]:
     L, d = arch.text.layers, arch.text.hidden
     tl = recipe.export.text_length
@@ -163,7 +170,7 @@ def render(p: dict) -> str:
         f"{'after prefill':<34}{_bytes(kv['dense_bytes']):>14}{_bytes(kv['pruned_bytes']):>14}{kv['ratio']:>8.3f}",
         f"{'after ' + str(kv['final']['generated']) + ' new tokens':<34}{_bytes(kv['final']['dense_bytes']):>14}"
         f"{_bytes(kv['final']['pruned_bytes']):>14}{kv['final']['ratio']:>8.3f}",
-        f"weights  {p['weights']['params']['total'] / 1e9:.2f} B params, {_bytes(p['weights']['bytes'])} in {p['weights']['dtype']}"
+        f"weights  {_count(p['weights']['params']['total'])} params, {_bytes(p['weights']['bytes'])} in {p['weights']['dtype']}"
         + ("  (ONNX over 2 GB: external data)" if p["weights"]["bytes"] > 2 * 10**9 else ""),
         "",
         f"next: {p['next']}",
