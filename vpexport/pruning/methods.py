@@ -66,7 +66,7 @@ def _visipruner_default(layers: int, visual: int, task: str) -> Schedule:
         exit_ = min(layers - 1, fusion + 1)
     return METHODS["visipruner"].schedule(
         [(fusion, _keep(10, visual)), (exit_, 0)],
-        sink_layers=min(_layer(6, layers), fusion),
+        sink_layers=min(_layer(6, layers), fusion - 1),
         meta={"published": "VisiPruner 7B layout: sink < 6, ~10 fusion tokens, exit ~24 (static form)"},
     )
 

@@ -90,11 +90,12 @@ class Schedule:
                 field="pruning.sink_layers",
                 fix=f"use 0..{num_layers - 1}",
             )
-        if self.points and self.sink_layers > self.points[0].layer:
+        if self.points and self.sink_layers >= self.points[0].layer:
+            # The first point scores with layer K-1, which must see the visual tokens unmasked.
             raise ScheduleError(
-                "the shallow sink stage must end at or before the first prune point",
+                "the shallow sink stage must end before the layer that scores the first prune point",
                 field="pruning.sink_layers",
-                fix=f"use at most {self.points[0].layer}",
+                fix=f"use at most {self.points[0].layer - 1}",
             )
 
     def visual_per_layer(self, num_layers: int, visual_tokens: int) -> list[int]:

@@ -1,0 +1,313 @@
+"""The rewritten LLaVA: a segmented decoder with static visual-token counts and in-graph pruning.
+
+Built on the loaded Hugging Face modules (weights are shared, never copied). The prompt layout
+is [prefix][visual][text]; `prefix` and the visual counts are Python ints fixed at build time,
+the text part is right-padded (attention mask) and may be a dynamic axis. At each prune point
+the scores come from the previous layer's q/k/v (only the rows the rule needs), then
+TopK -> sort -> Gather of hidden states, original position ids and the key-padding mask.
+
+Per-layer KV caches keep the length of their segment: [prefix][visual_l][text][generated].
+A decode step attends to them with the same key layout, so decoding needs no pruning logic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vpexport.arch.adapters import adapter_for
+from vpexport.errors import UserInputError
+from vpexport.model import scoring
+from vpexport.pruning.schedule import Schedule
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return x
+    b, h, l, d = x.shape
+    return x[:, :, None].expand(b, h, groups, l, d).reshape(b, h * groups, l, d)
+
+
+def causal_mask(key_valid: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> (B, 1, L, L) bool, True where query i may attend key j (j <= i and j valid)."""
+    i = torch.arange(key_valid.shape[1], device=key_valid.device)
+    return (i[:, None] >= i[None, :])[None, None] & key_valid[:, None, None, :]
+
+
+@dataclass
+class PrefillOutput:
+    logits: torch.Tensor  # (B, V) at each sample's last valid position
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, KV, L_l, hd), post-RoPE keys
+    kept: list[torch.Tensor]  # per prune point (B, keep) original visual indices, sorted; empty for drop_all
+    text_len: torch.Tensor  # (B,) valid text tokens
+
+
+class PrunedLlava(nn.Module):
+    """`schedule` fixes the segments; `prefix` is the number of tokens before the image."""
+
+    def __init__(self, hf_model, schedule: Schedule, prefix: int):
+        super().__init__()
+        ad = adapter_for(hf_model)
+        self.adapter = ad
+        tc = ad.text_config()
+        self.embed_tokens = ad.embed_tokens
+        self.layers = ad.layers
+        self.norm = ad.final_norm
+        self.rotary_emb = ad.rotary_emb
+        self.lm_head = ad.lm_head
+        self.vision = ad.vision_model
+        self.projector = ad.projector
+        q0 = ad.attention_parts(self.layers[0])[0]
+        self.num_heads = tc.num_attention_heads
+        self.num_kv_heads = tc.num_key_value_heads or self.num_heads
+        self.head_dim = q0.out_features // self.num_heads
+        self.groups = self.num_heads // self.num_kv_heads
+        self.num_layers = len(self.layers)
+        self.image_token_id = ad.image_token_id
+        self.sliding_window = ad.sliding_window()
+
+        vfl = ad.vision_feature_layer()
+        n_vis_layers = len(self.vision.encoder.layers)
+        self.vision_layers_run = n_vis_layers + 1 + vfl if vfl < 0 else vfl
+        self.drop_cls = ad.drops_cls()
+        vc = hf_model.config.vision_config
+        patches = (vc.image_size // vc.patch_size) ** 2
+        self.visual_tokens = patches + (0 if self.drop_cls else 1)
+
+        self.prefix = int(prefix)
+        schedule.check(self.num_layers, self.visual_tokens)
+        self.schedule = schedule
+        self.points = {p.layer: p for p in schedule.points}
+        self.visual_per_layer = schedule.visual_per_layer(self.num_layers, self.visual_tokens)
+        self.sink_layers = schedule.sink_layers
+        # Fixed index sets for the index-only baselines, drawn once from the schedule seed.
+        self._fixed_idx: dict[int, torch.Tensor] = {}
+        for p in schedule.points:
+            n_in = self.visual_per_layer[p.layer - 1]
+            if p.rule == "random":
+                self._fixed_idx[p.layer] = scoring.fixed_random_indices(n_in, p.keep, schedule.seed + p.layer)
+            elif p.rule == "uniform":
+                self._fixed_idx[p.layer] = scoring.uniform_indices(n_in, p.keep)
+
+    # ------------------------------------------------------------------ vision
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP tower up to `vision_feature_layer` (later layers are not evaluated) + projector."""
+        vm = self.vision
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(self.lm_head.weight.dtype)))
+        for layer in vm.encoder.layers[: self.vision_layers_run]:
+            h = layer(h, None)
+            h = h[0] if isinstance(h, tuple) else h
+        if self.drop_cls:
+            h = h[:, 1:]
+        return self.projector(h)
+
+    # ------------------------------------------------------------------ decoder pieces
+    def _qkv(self, i: int, x: torch.Tensor, cos, sin):
+        qp, kp, vp, _ = self.adapter.attention_parts(self.layers[i])
+        b, l, _ = x.shape
+        q = qp(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+        k = kp(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = vp(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        return q, k, v
+
+    def _finish_layer(self, i: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[i]
+        o_proj = self.adapter.attention_parts(layer)[3]
+        b, _, l, _ = attn.shape
+        h = h + o_proj(attn.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _sink_redirect(self, probs: torch.Tensor, p: int, n: int) -> torch.Tensor:
+        """VisiPruner layer 0: move the text queries' visual attention mass onto the first visual token."""
+        vis = probs[..., p : p + n]
+        mass = vis.sum(-1, keepdim=True)
+        return torch.cat([probs[..., :p], mass, torch.zeros_like(vis[..., 1:]), probs[..., p + n :]], dim=-1)
+
+    def _score(self, rule, q, k, v, allowed, key_valid, last_idx, p, n):
+        if rule == "last_token_attention":
+            return scoring.last_token_attention(q, k, v, allowed, last_idx, p, n)
+        if rule == "text_attention":
+            return scoring.text_attention(q, k, v, allowed, key_valid, p, n)
+        if rule == "visual_attention":
+            return scoring.visual_attention(q, k, v, allowed, p, n)
+        if rule == "value_contribution":
+            return scoring.value_contribution(q, k, v, allowed, last_idx, p, n)
+        return None  # index-only rules
+
+    # ------------------------------------------------------------------ prefill
+    def merge_embeddings(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        p, n = self.prefix, self.visual_tokens
+        emb = self.embed_tokens(input_ids)
+        return torch.cat([emb[:, :p], image_features.to(emb.dtype), emb[:, p + n :]], dim=1)
+
+    def check_inputs(self, input_ids: torch.Tensor) -> None:
+        """Eager-only check that the image tokens sit at the static span this model was built for."""
+        p, n = self.prefix, self.visual_tokens
+        span = input_ids[:, p : p + n]
+        if input_ids.shape[1] < p + n + 1 or not bool((span == self.image_token_id).all()):
+            raise UserInputError(
+                f"image tokens are not at positions [{p}, {p + n}) of the prompt",
+                field="prompt",
+                fix="use the recipe's prompt template with one <image> placeholder (the system prefix is fixed)",
+            )
+        if int((input_ids == self.image_token_id).sum()) != n * input_ids.shape[0]:
+            raise UserInputError("the prompt has more than one image", field="prompt", fix="use one <image> per prompt")
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor
+    ) -> PrefillOutput:
+        p, n = self.prefix, self.visual_tokens
+        b, seq = input_ids.shape
+        h = self.merge_embeddings(input_ids, image_features)
+        key_valid = attention_mask.to(torch.bool)
+        pos = torch.arange(seq, device=h.device)[None].expand(b, seq)
+        text_len = attention_mask[:, p + n :].sum(-1)
+        if self.sliding_window is not None and not torch.jit.is_tracing() and seq > self.sliding_window:
+            raise UserInputError(
+                f"sequence of {seq} tokens exceeds the sliding window {self.sliding_window}",
+                field="export.text_length.max",
+                fix="shorten the prompt",
+            )
+        vis_orig = torch.arange(n, device=h.device)[None].expand(b, n)
+        cos, sin = self.rotary_emb(h, pos)
+        allowed = causal_mask(key_valid)
+        kv, kept, score = [], [], None
+        for i in range(self.num_layers):
+            if i in self.points:
+                h, pos, key_valid, vis_orig, n = self._prune(self.points[i], score, h, pos, key_valid, vis_orig, n)
+                kept.append(vis_orig)
+                cos, sin = self.rotary_emb(h, pos)
+                allowed = causal_mask(key_valid)
+            x = self.layers[i].input_layernorm(h)
+            q, k, v = self._qkv(i, x, cos, sin)
+            kv.append((k, v))
+            kr, vr = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
+            layer_allowed = allowed
+            if 0 < i < self.sink_layers:
+                layer_allowed = allowed & ~self._text_visual_block(h.shape[1], p, n, h.device)
+            attn = F.scaled_dot_product_attention(q, kr, vr, attn_mask=layer_allowed, scale=1 / math.sqrt(self.head_dim))
+            if i == 0 and self.sink_layers > 0:
+                t0 = p + n
+                probs = scoring._probs(q[:, :, t0:], kr, allowed[:, :, t0:])
+                text_out = torch.matmul(self._sink_redirect(probs, p, n).to(vr.dtype), vr)
+                attn = torch.cat([attn[:, :, :t0], text_out], dim=2)
+            nxt = self.points.get(i + 1)
+            score = None
+            if nxt is not None and n > 0:
+                last_idx = p + n + text_len - 1
+                score = self._score(nxt.rule, q, kr, vr, allowed, key_valid, last_idx, p, n)
+            h = self._finish_layer(i, h, attn)
+        h = self.norm(h)
+        last_idx = p + n + text_len - 1
+        last = torch.gather(h, 1, last_idx[:, None, None].expand(b, 1, h.shape[-1]))[:, 0]
+        return PrefillOutput(self.lm_head(last), kv, kept, text_len)
+
+    @staticmethod
+    def _text_visual_block(seq: int, p: int, n: int, device) -> torch.Tensor:
+        i = torch.arange(seq, device=device)
+        text_rows = i >= p + n
+        vis_cols = (i >= p) & (i < p + n)
+        return (text_rows[:, None] & vis_cols[None, :])[None, None]
+
+    def _prune(self, point, score, h, pos, key_valid, vis_orig, n):
+        p = self.prefix
+        if point.rule == "drop_all":
+            cut = lambda t: torch.cat([t[:, :p], t[:, p + n :]], dim=1)  # noqa: E731
+            return cut(h), cut(pos), cut(key_valid), vis_orig[:, :0], 0
+        b = h.shape[0]
+        if point.layer in self._fixed_idx:
+            sel = self._fixed_idx[point.layer].to(h.device)[None].expand(b, point.keep)
+        else:
+            sel = torch.topk(score, point.keep, dim=-1).indices.sort(dim=-1).values
+
+        def take(t):
+            span = t[:, p : p + n]
+            idx = sel if t.dim() == 2 else sel[:, :, None].expand(b, point.keep, t.shape[-1])
+            return torch.cat([t[:, :p], torch.gather(span, 1, idx), t[:, p + n :]], dim=1)
+
+        return take(h), take(pos), take(key_valid), torch.gather(vis_orig, 1, sel), point.keep
+
+    # ------------------------------------------------------------------ decode
+    def decode(
+        self,
+        input_ids: torch.Tensor,  # (B, 1)
+        position_ids: torch.Tensor,  # (B, 1) original positions
+        text_mask: torch.Tensor,  # (B, T + S + 1): text + generated + this token
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+    ):
+        h = self.embed_tokens(input_ids)
+        b = h.shape[0]
+        cos, sin = self.rotary_emb(h, position_ids)
+        tm = text_mask.to(torch.bool)
+        p = self.prefix
+        new_kv = []
+        for i in range(self.num_layers):
+            n = self.visual_per_layer[i]
+            x = self.layers[i].input_layernorm(h)
+            q, k, v = self._qkv(i, x, cos, sin)
+            k = torch.cat([kv[i][0], k], dim=2)
+            v = torch.cat([kv[i][1], v], dim=2)
+            new_kv.append((k, v))
+            kr, vr = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
+            head = torch.ones(b, p + n, dtype=torch.bool, device=h.device)
+            allowed = torch.cat([head, tm], dim=1)
+            if 0 < i < self.sink_layers:
+                vis = torch.zeros_like(allowed)
+                vis[:, p : p + n] = True
+                allowed = allowed & ~vis
+            probs = scoring._probs(q, kr, allowed[:, None, None, :])
+            if i == 0 and self.sink_layers > 0:
+                probs = self._sink_redirect(probs, p, n)
+            attn = torch.matmul(probs.to(vr.dtype), vr)
+            h = self._finish_layer(i, h, attn)
+        return self.lm_head(self.norm(h))[:, 0], new_kv
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+    ) -> tuple[list[list[int]], PrefillOutput]:
+        """Greedy decoding; returns the new tokens of each sample (up to and excluding eos)."""
+        self.check_inputs(input_ids)
+        out = self.prefill(input_ids, attention_mask, self.encode_image(pixel_values))
+        b = input_ids.shape[0]
+        text_mask = attention_mask[:, self.prefix + self.visual_tokens :].to(torch.long)
+        next_pos = (self.prefix + self.visual_tokens + out.text_len)[:, None]
+        logits, kv = out.logits, out.kv
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            for j in range(b):
+                if not done[j]:
+                    t = int(nxt[j])
+                    if eos_token_id is not None and t == eos_token_id:
+                        done[j] = True
+                    else:
+                        tokens[j].append(t)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            text_mask = torch.cat([text_mask, torch.ones(b, 1, dtype=text_mask.dtype)], dim=1)
+            logits, kv = self.decode(nxt[:, None], next_pos, text_mask, kv)
+            next_pos = next_pos + 1
+        return tokens, out
