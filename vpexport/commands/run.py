@@ -1,0 +1,45 @@
+"""`vpexport run TARGET --image PATH --prompt TEXT`: answer with the PyTorch path (TARGET = recipe)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command()
+@click.argument("target", type=click.Path())
+@click.option("--image", "images", multiple=True, required=True, help="Image file; repeat for a batch.")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Question; one, or one per --image.")
+@click.option("--max-new-tokens", type=int, default=None, help="Override the recipe's task.max_new_tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print answers, tokens and kept indices as JSON.")
+def run(target, images, prompts, max_new_tokens, as_json):
+    """Answer PROMPT about IMAGE with the recipe's pruned PyTorch model."""
+    from vpexport.errors import UserInputError
+
+    if len(prompts) not in (1, len(images)):
+        raise UserInputError(
+            f"{len(prompts)} prompts for {len(images)} images", field="--prompt", fix="give one prompt, or one per --image"
+        )
+    prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
+    answers = _run_recipe(target, list(images), prompts, max_new_tokens)
+    if as_json:
+        click.echo(json.dumps({"answers": answers}, indent=2))
+    else:
+        for a in answers:
+            click.echo(a["text"])
+
+
+def _run_recipe(path, images, prompts, max_new_tokens):
+    from vpexport.model.loading import load_image
+    from vpexport.model.pipeline import TorchPipeline
+    from vpexport.paths import resolve_schedule
+    from vpexport.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    pics = [load_image(p) for p in images]  # fail on a bad image before loading weights
+    arch = recipe.resolve_arch()
+    pipe = TorchPipeline.from_recipe(recipe, resolve_schedule(recipe, arch))
+    if max_new_tokens:
+        pipe.max_new_tokens = max_new_tokens
+    return [{"text": a.text, "tokens": a.tokens, "kept": a.kept} for a in pipe.answer(pics, prompts)]

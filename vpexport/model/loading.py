@@ -1,0 +1,78 @@
+"""Load a LLaVA checkpoint from a local `save_pretrained` directory and turn prompts + images
+into the model's static layout (right-padded text, image span at a fixed offset)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vpexport.arch.layout import IMAGE_PLACEHOLDER
+from vpexport.errors import UserInputError
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def load_llava(path: str | Path, dtype: str = "float32"):
+    """(model, processor); the model in eval mode with SDPA attention (never flash/flex: see research.md)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserInputError(f"{path} has no config.json", field="model.path", fix="give a save_pretrained directory")
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=getattr(torch, DTYPES[dtype]), attn_implementation="sdpa"
+        ).eval()
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserInputError(
+            f"cannot load a LLaVA checkpoint from {path}: {str(e).splitlines()[0]}",
+            field="model.path",
+            fix="give a LlavaForConditionalGeneration save_pretrained directory with its processor files",
+        ) from None
+    processor.tokenizer.padding_side = "right"
+    return model, processor
+
+
+def load_image(path: str | Path, field: str = "--image"):
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"image {path} does not exist", field=field, fix="give a path to a PNG/JPEG image")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserInputError(
+            f"{path} is not a readable image ({type(e).__name__})", field=field, fix="give a PNG or JPEG file"
+        ) from None
+
+
+def render_prompt(template: str, question: str) -> str:
+    if IMAGE_PLACEHOLDER in question:
+        raise UserInputError(
+            f"the question must not contain {IMAGE_PLACEHOLDER}; the recipe's template places the image",
+            field="--prompt",
+            fix="pass only the question text",
+        )
+    return template.replace("{question}", question)
+
+
+def encode(processor, template: str, questions: list[str], images: list, pad_to: int | None = None):
+    """input_ids / attention_mask (right-padded) and pixel_values, as torch tensors."""
+    prompts = [render_prompt(template, q) for q in questions]
+    kw = {"padding": "max_length", "max_length": pad_to, "truncation": False} if pad_to else {"padding": True}
+    enc = processor(text=prompts, images=images, return_tensors="pt", **kw)
+    return enc["input_ids"], enc["attention_mask"], enc["pixel_values"]
+
+
+def prefix_length(input_ids, image_token_id: int) -> int:
+    row = input_ids[0].tolist()
+    if image_token_id not in row:
+        raise UserInputError(
+            "the prompt has no image token after tokenization",
+            field="task.prompt",
+            fix=f"put {IMAGE_PLACEHOLDER} in the template and use the checkpoint's own processor",
+        )
+    return row.index(image_token_id)

@@ -1,0 +1,80 @@
+"""PyTorch answer pipeline: recipe -> loaded checkpoint -> PrunedLlava -> greedy text.
+
+One loaded checkpoint can be re-wrapped with other schedules (`with_schedule`) without
+reloading weights: calibration and evaluation compare many schedules on one model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vpexport.pruning.schedule import Schedule
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]
+    kept: list[list[int]]  # per prune point, original visual indices
+
+
+class TorchPipeline:
+    def __init__(self, model, processor, template: str, schedule: Schedule, max_new_tokens: int):
+        import torch
+
+        from vpexport.model.loading import encode, prefix_length
+        from vpexport.model.pruned import PrunedLlava
+
+        self.model, self.processor, self.template = model, processor, template
+        self.max_new_tokens = max_new_tokens
+        probe_img = _blank_image(model.config.vision_config.image_size)
+        ids, _, _ = encode(processor, template, ["x"], [probe_img])
+        self.prefix = prefix_length(ids, int(model.config.image_token_id))
+        self.pruned = PrunedLlava(model, schedule, prefix=self.prefix)
+        self.schedule = schedule
+        self._torch = torch
+
+    @classmethod
+    def from_recipe(cls, recipe, schedule: Schedule | None = None) -> "TorchPipeline":
+        from vpexport.model.loading import load_llava
+
+        if recipe.model.path is None:
+            from vpexport.errors import RecipeError
+
+            raise RecipeError(
+                f"built-in architecture {recipe.model.arch!r} has no weights to run",
+                field="model.path",
+                fix="give a local checkpoint directory (or use `vpexport testbed synth` for a random-weight stand-in)",
+            )
+        model, processor = load_llava(recipe.model_dir, recipe.model.dtype)
+        if schedule is None:
+            schedule = recipe.schedule() or Schedule("none")
+        return cls(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens)
+
+    def with_schedule(self, schedule: Schedule) -> "TorchPipeline":
+        return TorchPipeline(self.model, self.processor, self.template, schedule, self.max_new_tokens)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.processor.tokenizer.eos_token_id
+
+    def encode(self, images, questions):
+        from vpexport.model.loading import encode
+
+        return encode(self.processor, self.template, questions, images)
+
+    def answer(self, images, questions) -> list[Answer]:
+        ids, mask, px = self.encode(images, questions)
+        with self._torch.inference_mode():
+            toks, out = self.pruned.generate(ids, mask, px, self.max_new_tokens, self.eos_token_id)
+        dec = self.processor.tokenizer.decode
+        return [
+            Answer(dec(t, skip_special_tokens=True).strip(), t, [k[b].tolist() for k in out.kept])
+            for b, t in enumerate(toks)
+        ]
+
+
+def _blank_image(size: int):
+    from PIL import Image
+
+    return Image.new("RGB", (size, size))

@@ -1,0 +1,34 @@
+"""Where a recipe's artifacts live, and which schedule a recipe resolves to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vpexport.errors import RecipeError
+from vpexport.pruning.schedule import Schedule
+
+ARTIFACTS = Path("artifacts")
+SCHEDULE_FILE = "schedule.json"
+
+
+def artifact_dir(recipe, out: str | Path | None = None) -> Path:
+    return Path(out) if out else ARTIFACTS / recipe.name
+
+
+def resolve_schedule(recipe, arch=None, out: str | Path | None = None) -> Schedule:
+    """The recipe's explicit schedule, or the calibrated one from `<artifacts>/schedule.json`."""
+    sched = recipe.schedule(arch)
+    if sched is not None:
+        return sched
+    f = artifact_dir(recipe, out) / SCHEDULE_FILE
+    if not f.is_file():
+        raise RecipeError(
+            f"the recipe asks for calibration and {f} does not exist yet",
+            field="pruning.calibrate",
+            fix=f"run `vpexport calibrate {recipe.source or 'RECIPE'}` first (or `vpexport build`)",
+        )
+    sched = Schedule.from_dict(json.loads(f.read_text())["schedule"])
+    if arch is not None:
+        sched.check(arch.text.layers, arch.visual_tokens, where=str(f))
+    return sched
