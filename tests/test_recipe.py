@@ -139,7 +139,8 @@ def test_missing_required_section(tmp_path, capsys):
 def test_bad_yaml_names_line(tmp_path, capsys):
     p = write(tmp_path, "model:\n  arch: llava-1.5-7b\ntask: [unclosed\n")
     line = cli_error(capsys, p)
-    assert "invalid YAML at line" in line
+    assert "invalid YAML at line 3" in line
+    assert cli_error(capsys, write(tmp_path, "- a\n- b\n", "l.yaml")).startswith("error: recipe: a recipe is a YAML mapping, not list")
 
 
 def test_duplicate_key(tmp_path, capsys):
@@ -262,6 +263,17 @@ def test_missing_model_dir(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     line = cli_error(capsys, write(tmp_path, patch(model={"path": "empty"})))
     assert line.startswith(f"error: model.path: no config.json in {tmp_path / 'empty'}")
+
+
+def test_broken_config_json(tmp_path, capsys):
+    make_model_dir(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    del cfg["text_config"]["hidden_size"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    line = cli_error(capsys, write(tmp_path, patch(model={"path": "m"})))
+    assert line.startswith(f"error: model.path: config.json in {tmp_path / 'm'} has no 'hidden_size'")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    assert cli_error(capsys, write(tmp_path, patch(model={"path": "m"}))).startswith("error: model.path: config.json in")
 
 
 def test_unset_env_var(tmp_path, capsys, monkeypatch):

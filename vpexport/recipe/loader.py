@@ -175,7 +175,17 @@ class Recipe(RecipeModel):
             if self.model.arch is not None:
                 self._arch = BUILTIN_ARCHS[self.model.arch].spec()
             else:
-                self._arch = ArchSpec.from_dir(self.model.path)
+                try:
+                    self._arch = ArchSpec.from_dir(self.model.path)
+                except RecipeError:
+                    raise
+                except (KeyError, TypeError, ValueError) as e:  # incl. json.JSONDecodeError
+                    what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"is not readable ({e})"
+                    raise RecipeError(
+                        f"config.json in {self.model.path} {what}",
+                        field="model.path",
+                        fix="give a LlavaForConditionalGeneration save_pretrained directory",
+                    ) from None
         return self._arch
 
     def first_question(self) -> str:
