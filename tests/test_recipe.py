@@ -139,7 +139,7 @@ def test_missing_required_section(tmp_path, capsys):
 def test_bad_yaml_names_line(tmp_path, capsys):
     p = write(tmp_path, "model:\n  arch: llava-1.5-7b\ntask: [unclosed\n")
     line = cli_error(capsys, p)
-    assert "invalid YAML at line 3" in line
+    assert "invalid YAML at line 4" in line and "while parsing a flow sequence started at line 3" in line
     assert cli_error(capsys, write(tmp_path, "- a\n- b\n", "l.yaml")).startswith("error: recipe: a recipe is a YAML mapping, not list")
 
 

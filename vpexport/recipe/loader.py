@@ -348,6 +348,9 @@ def load_recipe(path: str | Path, check: bool = True) -> Recipe:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and cmark is not None and cmark is not mark:
+            problem += f" ({ctx} started at line {cmark.line + 1})"
         raise RecipeError(f"invalid YAML{where}: {problem}", field=str(p), fix="fix the YAML syntax there") from None
     if data is None:
         raise RecipeError(f"{p} is empty", field="recipe", fix="start from recipes/mini_vqa.yaml")
