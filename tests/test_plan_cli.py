@@ -174,3 +174,12 @@ def test_ci_runs_the_readme_test_command():
     ci_cmds = [line for line in ci.splitlines() if line.strip() and not line.startswith(skip)]
     assert ci_cmds == [test_cmd]
     assert "set -euo pipefail" in ci
+
+
+def test_plan_dynamic_text_shapes(tmp_path, capsys):
+    d = yaml.safe_load(FASTV.read_text())
+    d["export"] = {"text_length": {"mode": "dynamic", "max": 128}}
+    p = tmp_path / "dyn.yaml"
+    p.write_text(yaml.safe_dump(d))
+    segs = plan_json(capsys, p)["segments"]
+    assert [s["hidden_shape"] for s in segs] == [[1, "611+T", 4096], [1, "323+T", 4096]]
