@@ -174,6 +174,12 @@ class Recipe(RecipeModel):
         if self._arch is None:
             if self.model.arch is not None:
                 self._arch = BUILTIN_ARCHS[self.model.arch].spec()
+            elif self.model.synth is not None and not (Path(self.model.path) / "config.json").is_file():
+                raise RecipeError(
+                    f"the random-weight stand-in at {self.model.path} has not been created yet",
+                    field="model.synth",
+                    fix=f"run `vpexport build {self.source or 'RECIPE'}` (it creates it) or `vpexport testbed synth`",
+                )
             else:
                 try:
                     self._arch = ArchSpec.from_dir(self.model.path)
@@ -313,13 +319,16 @@ def recipe_from_dict(data: dict, source: Path | None = None, base: Path | None =
     if r.model.path is not None:
         r.model.path = _absolute(r.model.path, base)
         d = Path(r.model.path)
-        if not d.is_dir():
+        if r.model.synth is not None and not (d / "config.json").is_file():
+            # A stand-in that `vpexport build` (or `testbed synth`) creates on demand.
+            check = False
+        elif not d.is_dir():
             raise RecipeError(
                 f"model directory {d} does not exist",
                 field="model.path",
                 fix="give a save_pretrained directory (holding config.json and the weights)",
             )
-        if not (d / "config.json").is_file():
+        elif not (d / "config.json").is_file():
             raise RecipeError(
                 f"no config.json in {d}", field="model.path", fix="give a directory written by save_pretrained"
             )

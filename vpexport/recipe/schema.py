@@ -36,10 +36,29 @@ class Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- model
+class SynthSection(Strict):
+    """A random-weight stand-in of a built-in architecture, created at model.path when missing
+    (`vpexport testbed synth`). For export and speed work only: no quality figure comes from it."""
+
+    arch: str
+    layers: int | None = Field(None, ge=1)  # decoder layers (default: the architecture's)
+    hidden: int | None = Field(None, ge=16)  # decoder width (default: the architecture's)
+    vision_layers: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known_arch(self):
+        if self.arch not in BUILTIN_ARCHS:
+            raise recipe_error(f"unknown built-in architecture {self.arch!r}", sub="arch",
+                               fix="use one of " + ", ".join(BUILTIN_ARCHS))
+        return self
+
+
 class ModelSection(Strict):
     path: str | None = None  # local save_pretrained directory (relative to the recipe's folder unless absolute)
     arch: str | None = None  # built-in architecture (weight-free planning only)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    synth: SynthSection | None = None  # create a random-weight stand-in at `path` when it is missing
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -50,6 +69,9 @@ class ModelSection(Strict):
             )
         if self.path is not None and not self.path.strip():
             raise recipe_error("is empty", sub="path", fix="give a save_pretrained directory")
+        if self.synth is not None and self.path is None:
+            raise recipe_error("synth needs a path to create the stand-in at", sub="synth",
+                               fix="set model.path to where the stand-in should live")
         if self.arch is not None and self.arch not in BUILTIN_ARCHS:
             import difflib
 
