@@ -1,0 +1,407 @@
+"""`export_artifacts(recipe, out_dir, schedule)`: three ONNX graphs + runtime assets + manifest.
+
+Graphs (legacy TorchScript exporter, `dynamo=False`: it traces the in-graph TopK + sort + Gather
+with static k and matches PyTorch in ONNX Runtime; SDPA attention only):
+
+  vision.onnx   pixel_values (B,3,H,W) f32                   -> image_features (B,N,d)
+  prefill.onnx  input_ids (B,L) i64, attention_mask (B,L) i64, image_features (B,N,d)
+                -> logits (B,V), present.{i}.key / present.{i}.value (B,KV,prefix+n_i+T,hd),
+                   kept.{j} (B,keep_j) i64 per prune point that keeps tokens
+  decode.onnx   input_ids (B,1) i64, position_ids (B,1) i64, text_mask (B,S) i64,
+                past.{i}.key / past.{i}.value (B,KV,prefix+n_i+S-1,hd)
+                -> logits (B,V), present.{i}.key / present.{i}.value (B,KV,prefix+n_i+S,hd)
+
+L = prefix + N + T. T is `export.text_length.max` (mode padded: a static axis) or the dynamic
+axis `text` (mode dynamic). Batch is the dynamic axis `batch`. Tracing uses a synthetic input
+(random token ids around the static image span, random pixels): no eval sample is used.
+Everything is written into a temp folder inside the artifact folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from vpexport.errors import ArtifactError, UserInputError
+
+TWO_GB = 2**31 - 1
+STALE_SECTIONS = ("validation", "engine", "package", "build", "bench")
+PRECISION_DTYPE = {"fp32": "float32", "fp16": "float16"}
+
+
+def _log(log, msg):
+    if log is not None:
+        log(msg)
+
+
+# --------------------------------------------------------------------------- wrappers
+def _wrappers(pm):
+    import torch
+    from torch import nn
+
+    class Vision(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pm = pm
+
+        def forward(self, pixel_values):
+            return self.pm.encode_image(pixel_values)
+
+    class Prefill(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pm = pm
+
+        def forward(self, input_ids, attention_mask, image_features):
+            out = self.pm.prefill(input_ids, attention_mask, image_features)
+            flat = [t for kv in out.kv for t in kv]
+            return (out.logits, *flat, *out.kept)
+
+    class Decode(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pm = pm
+
+        def forward(self, input_ids, position_ids, text_mask, *past):
+            kv = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+            logits, new = self.pm.decode(input_ids, position_ids, text_mask, kv)
+            return (logits, *[t for kv_ in new for t in kv_])
+
+    del torch
+    return Vision().eval(), Prefill().eval(), Decode().eval()
+
+
+def kept_points(schedule) -> list:
+    return [p for p in schedule.points if p.rule != "drop_all"]
+
+
+def io_names(num_layers: int, schedule) -> dict:
+    kv = lambda pre: [f"{pre}.{i}.{w}" for i in range(num_layers) for w in ("key", "value")]  # noqa: E731
+    return {
+        "vision": {"inputs": ["pixel_values"], "outputs": ["image_features"]},
+        "prefill": {
+            "inputs": ["input_ids", "attention_mask", "image_features"],
+            "outputs": ["logits", *kv("present"), *[f"kept.{j}" for j in range(len(kept_points(schedule)))]],
+        },
+        "decode": {"inputs": ["input_ids", "position_ids", "text_mask", *kv("past")], "outputs": ["logits", *kv("present")]},
+    }
+
+
+def synthetic_inputs(pm, text_len: int, vocab: int, pad_id: int, batch: int = 2, seed: int = 0):
+    """Trace inputs: random ids (never the image token) around the static image span, right padding."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    p, n = pm.prefix, pm.visual_tokens
+    ids = torch.randint(0, vocab, (batch, p + n + text_len), generator=g)
+    ids[ids == pm.image_token_id] = pad_id
+    ids[:, p : p + n] = pm.image_token_id
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):  # later rows shorter: padding is part of what is traced
+        cut = max(1, text_len - b)
+        mask[b, p + n + cut :] = 0
+        ids[b, p + n + cut :] = pad_id
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- ONNX helpers
+def _finalize_onnx(raw: Path, dest: Path) -> None:
+    """Re-save `raw` as `dest` (external data when over 2 GB), then check it fully."""
+    import onnx
+
+    model = onnx.load(str(raw), load_external_data=True)
+    big = model.ByteSize() > TWO_GB if _fits_proto(raw) else True
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if big:
+        onnx.save_model(
+            model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=dest.name + ".data", size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(dest))
+    del model
+    try:
+        onnx.checker.check_model(str(dest), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(dest), str(dest) + ".inferred", strict_mode=True)
+    except Exception as e:  # noqa: BLE001 - any checker failure is an export bug to report in one line
+        raise ArtifactError(
+            f"{dest.name} fails the ONNX checker/shape inference: {str(e).splitlines()[0]}",
+            field="export",
+            fix="report this; try export.opset 17",
+        ) from None
+    finally:
+        Path(str(dest) + ".inferred").unlink(missing_ok=True)
+
+
+def _fits_proto(path: Path) -> bool:
+    total = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
+    return total < TWO_GB
+
+
+def graph_io(path: Path) -> dict:
+    """{"inputs": [{name, dtype, shape}], "outputs": [...]} with symbolic dims as strings."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+
+    def one(vi):
+        t = vi.type.tensor_type
+        shape = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
+        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape}
+
+    return {"inputs": [one(v) for v in m.graph.input], "outputs": [one(v) for v in m.graph.output]}
+
+
+def _export_one(module, args, path: Path, names: dict, dynamic_axes: dict, opset: int) -> None:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            torch.onnx.export(
+                module, args, str(path), input_names=names["inputs"], output_names=names["outputs"],
+                dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True,
+            )
+
+
+# --------------------------------------------------------------------------- runtime assets
+def preprocess_config(image_processor) -> dict:
+    """Everything the CLIP image processor does, as plain data for vpexport.runtime.preprocess."""
+    ip = image_processor
+
+    def size_dict(s):
+        if s is None:
+            return None
+        d = dict(s) if not isinstance(s, int) else {"shortest_edge": s}
+        return {k: v for k, v in d.items() if v is not None}
+
+    resample = getattr(ip, "resample", 3)
+    resample = int(getattr(resample, "value", resample)) if resample is not None else 2
+    return {
+        "processor_class": type(ip).__name__,
+        "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
+        "do_resize": bool(ip.do_resize),
+        "size": size_dict(ip.size),
+        "resample": resample,  # PIL.Image.Resampling value (3 = BICUBIC)
+        "do_center_crop": bool(getattr(ip, "do_center_crop", False)),
+        "crop_size": size_dict(getattr(ip, "crop_size", None)),
+        "do_rescale": bool(ip.do_rescale),
+        "rescale_factor": float(ip.rescale_factor),
+        "do_normalize": bool(ip.do_normalize),
+        "image_mean": [float(x) for x in ip.image_mean],
+        "image_std": [float(x) for x in ip.image_std],
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        "dtype": "float32",
+    }
+
+
+def special_tokens(tokenizer, image_token_id: int) -> dict:
+    out = {"image_token_id": int(image_token_id)}
+    for name in ("bos", "eos", "pad", "unk"):
+        tid = getattr(tokenizer, f"{name}_token_id", None)
+        out[f"{name}_token_id"] = None if tid is None else int(tid)
+        out[f"{name}_token"] = getattr(tokenizer, f"{name}_token", None)
+    out["all_special_ids"] = sorted(int(i) for i in tokenizer.all_special_ids)
+    out["clean_up_tokenization_spaces"] = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+    return out
+
+
+def write_runtime_assets(dst: Path, processor, gen: dict) -> list[str]:
+    import json
+
+    dst.mkdir(parents=True, exist_ok=True)
+    tok = processor.tokenizer
+    tok.backend_tokenizer.save(str(dst / "tokenizer.json"))
+    (dst / "special_tokens.json").write_text(json.dumps(special_tokens(tok, gen["image_token_id"]), indent=2))
+    (dst / "preprocess.json").write_text(json.dumps(preprocess_config(processor.image_processor), indent=2))
+    (dst / "generation.json").write_text(json.dumps(gen, indent=2))
+    return ["tokenizer.json", "special_tokens.json", "preprocess.json", "generation.json"]
+
+
+# --------------------------------------------------------------------------- main entry
+def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
+    """Export into `out_dir` (the artifact folder). Returns a summary dict (paths, sizes, shapes)."""
+    import torch
+
+    from vpexport.manifest import MANIFEST, _load_raw, _write_json_atomic, update_manifest
+    from vpexport.model.pipeline import TorchPipeline
+    from vpexport.recipe import save_resolved
+
+    t_start = time.perf_counter()
+    ex = recipe.export
+    precision = ex.precision
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    _log(log, f"[export] loading {recipe.model.path} ({precision})")
+    from vpexport.model.loading import load_llava
+
+    model, processor = load_llava(recipe.model_dir, PRECISION_DTYPE[precision])
+    pipe = TorchPipeline(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens)
+    pm = pipe.pruned
+    tc = model.config.text_config
+    L, p, n = pm.num_layers, pm.prefix, pm.visual_tokens
+    T = ex.text_length.max
+    dynamic_text = ex.text_length.mode == "dynamic"
+    tok = processor.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    vocab = int(model.config.text_config.vocab_size)
+    if pm.sliding_window is not None and p + n + T > pm.sliding_window:
+        raise UserInputError(
+            f"prefix+visual+text = {p + n + T} exceeds the sliding window {pm.sliding_window}",
+            field="export.text_length.max",
+            fix=f"use at most {pm.sliding_window - p - n}",
+        )
+    names = io_names(L, schedule)
+    vision, prefill, decode = _wrappers(pm)
+    vc = model.config.vision_config
+    dtype = torch.float32 if precision == "fp32" else torch.float16
+
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        onnx_dir, raw_dir, rt_dir = stage / "onnx", stage / "raw", stage / "runtime"
+        onnx_dir.mkdir()
+        torch.manual_seed(0)
+        # ---- vision
+        t0 = time.perf_counter()
+        _log(log, f"[export] vision.onnx: pixel_values (B,3,{vc.image_size},{vc.image_size}) -> image_features (B,{n},{tc.hidden_size})")
+        px = torch.randn(2, 3, vc.image_size, vc.image_size)
+        raw = raw_dir / "vision" / "model.onnx"
+        raw.parent.mkdir(parents=True)
+        _export_one(vision, (px,), raw, names["vision"], {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}}, ex.opset)
+        _finalize_onnx(raw, onnx_dir / "vision.onnx")
+        _log(log, f"[export]   done in {time.perf_counter() - t0:.1f} s")
+
+        # ---- prefill
+        t0 = time.perf_counter()
+        trace_T = T if not dynamic_text else min(T, 8)
+        ids, mask = synthetic_inputs(pm, trace_T, vocab, pad_id)
+        with torch.no_grad():
+            feats = pm.encode_image(px)
+        text_ax = {0: "batch", 1: "sequence"} if dynamic_text else {0: "batch"}
+        dyn = {"input_ids": text_ax, "attention_mask": text_ax, "image_features": {0: "batch"}, "logits": {0: "batch"}}
+        for i in range(L):
+            for w in ("key", "value"):
+                dyn[f"present.{i}.{w}"] = {0: "batch", 2: f"prefill_kv_len.{i}"} if dynamic_text else {0: "batch"}
+        for j in range(len(kept_points(schedule))):
+            dyn[f"kept.{j}"] = {0: "batch"}
+        _log(log, f"[export] prefill.onnx: {L} layers, L = {p}+{n}+{'T' if dynamic_text else T}, segments "
+             + ", ".join(f"[{s.start},{s.end}):{s.visual_tokens}" for s in schedule.segments(L, n)))
+        raw = raw_dir / "prefill" / "model.onnx"
+        raw.parent.mkdir(parents=True)
+        _export_one(prefill, (ids, mask, feats), raw, names["prefill"], dyn, ex.opset)
+        _finalize_onnx(raw, onnx_dir / "prefill.onnx")
+        _log(log, f"[export]   done in {time.perf_counter() - t0:.1f} s")
+
+        # ---- decode (one step after the traced prefill)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = pm.prefill(ids, mask, feats)
+        b = ids.shape[0]
+        text_mask = torch.cat([mask[:, p + n :], torch.ones(b, 1, dtype=mask.dtype)], dim=1)
+        step_ids = out.logits.argmax(-1)[:, None]
+        pos = (p + n + out.text_len)[:, None]
+        past = [t for kv in out.kv for t in kv]
+        dyn = {"input_ids": {0: "batch"}, "position_ids": {0: "batch"}, "text_mask": {0: "batch", 1: "text_total"},
+               "logits": {0: "batch"}}
+        for i in range(L):
+            for w in ("key", "value"):
+                dyn[f"past.{i}.{w}"] = {0: "batch", 2: f"past_len.{i}"}
+                dyn[f"present.{i}.{w}"] = {0: "batch", 2: f"present_len.{i}"}
+        _log(log, "[export] decode.onnx: one token against the per-layer KV caches")
+        raw = raw_dir / "decode" / "model.onnx"
+        raw.parent.mkdir(parents=True)
+        _export_one(decode, (step_ids, pos, text_mask, *past), raw, names["decode"], dyn, ex.opset)
+        _finalize_onnx(raw, onnx_dir / "decode.onnx")
+        _log(log, f"[export]   done in {time.perf_counter() - t0:.1f} s")
+        shutil.rmtree(raw_dir)
+
+        # ---- runtime assets
+        gen = {
+            "template": recipe.task.prompt,
+            "task": recipe.task.type,
+            "prefix": p,
+            "visual_tokens": n,
+            "image_size": int(vc.image_size),
+            "hidden_size": int(tc.hidden_size),
+            "vocab_size": vocab,
+            "image_token_id": int(pm.image_token_id),
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": pad_id,
+            "bos_token_id": tok.bos_token_id,
+            "max_new_tokens": recipe.task.max_new_tokens,
+            "text_length": {"mode": ex.text_length.mode, "max": T},
+            "batch_max": ex.batch.max,
+            "num_layers": L,
+            "num_heads": pm.num_heads,
+            "num_kv_heads": pm.num_kv_heads,
+            "head_dim": pm.head_dim,
+            "visual_per_layer": list(pm.visual_per_layer),
+            "kv_static_len": [p + v for v in pm.visual_per_layer],  # + T (+ generated) per layer
+            "dtype": PRECISION_DTYPE[precision],
+            "precision": precision,
+            "schedule": schedule.to_dict(),
+            "kept_points": [{"layer": q.layer, "keep": q.keep, "rule": q.rule} for q in kept_points(schedule)],
+        }
+        rt_files = write_runtime_assets(rt_dir, processor, gen)
+        save_resolved(recipe, stage)
+
+        # ---- move into place
+        for sub in ("onnx", "runtime"):
+            dst = out_dir / sub
+            old = None
+            if dst.exists():
+                old = stage / f"old-{sub}"
+                os.replace(dst, old)
+            os.replace(stage / sub, dst)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        os.replace(stage / "recipe.resolved.yaml", out_dir / "recipe.resolved.yaml")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+    # ---- manifest: fresh file table for what export owns; later stages' sections are stale now
+    onnx_files = sorted(f.relative_to(out_dir).as_posix() for f in (out_dir / "onnx").iterdir() if f.is_file())
+    files = onnx_files + [f"runtime/{f}" for f in rt_files] + ["recipe.resolved.yaml"]
+    if (out_dir / "schedule.json").is_file():
+        files.append("schedule.json")
+    if (out_dir / MANIFEST).is_file():
+        try:
+            old = _load_raw(out_dir)
+        except ArtifactError:
+            old = {}
+        keep = {k: v for k, v in old.items() if k not in STALE_SECTIONS and k not in ("files", "packages", "export")}
+        keep["files"] = {}
+        _write_json_atomic(out_dir / MANIFEST, keep)
+    graphs = {g: graph_io(out_dir / "onnx" / f"{g}.onnx") for g in ("vision", "prefill", "decode")}
+    section = {
+        "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+        "opset": ex.opset,
+        "precision": precision,
+        "text_length": {"mode": ex.text_length.mode, "max": T},
+        "batch": {"max": ex.batch.max, "axis": "dynamic"},
+        "trace_input": "synthetic (random token ids and pixels; eval samples are not used to trace)",
+        "prefix": p,
+        "visual_tokens": n,
+        "visual_per_layer": list(pm.visual_per_layer),
+        "schedule": schedule.to_dict(),
+        "graphs": graphs,
+    }
+    update_manifest(out_dir, None, None, files=files)
+    update_manifest(out_dir, "schedule", schedule.to_dict())
+    m = update_manifest(out_dir, "recipe", recipe.resolved())
+    m = update_manifest(out_dir, "export", section)
+    summary = {
+        "artifact_dir": str(out_dir),
+        "files": {f: m["files"][f]["size"] for f in files},
+        "graphs": graphs,
+        "precision": precision,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    return summary

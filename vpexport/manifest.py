@@ -1,0 +1,126 @@
+"""`manifest.json` of an artifact folder: package versions, sha256 of every file, and one section
+per stage (export, validation, engine, package, build). No torch import.
+
+    update_manifest(dir, "export", {...}, files=["onnx/vision.onnx", ...])  # atomic (temp + os.replace)
+    m = read_manifest(dir)          # ArtifactError (exit 3) on a missing/corrupt file or hash mismatch
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from vpexport.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def package_versions(names=("vpexport", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "tokenizers", "numpy")) -> dict:
+    from importlib import metadata
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_raw(directory: Path) -> dict:
+    f = directory / MANIFEST
+    if not f.is_file():
+        raise ArtifactError(
+            f"{f} does not exist", field="artifacts", fix="run `vpexport export RECIPE` to create the artifact folder"
+        )
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{f} is not valid JSON ({type(e).__name__})", field="artifacts", fix="re-run `vpexport export`") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise ArtifactError(f"{f} has no 'files' table", field="artifacts", fix="re-run `vpexport export`")
+    return data
+
+
+def read_manifest(directory: str | Path, verify: bool = True) -> dict:
+    """The manifest; with `verify`, every listed file must exist with its recorded sha256."""
+    directory = Path(directory)
+    data = _load_raw(directory)
+    if verify:
+        for rel, info in data["files"].items():
+            p = directory / rel
+            if not p.is_file():
+                raise ArtifactError(
+                    f"artifact file {p} is missing (listed in {MANIFEST})",
+                    field="artifacts",
+                    fix="re-run `vpexport export` (or restore the file)",
+                )
+            if p.stat().st_size != info.get("size"):
+                raise ArtifactError(
+                    f"artifact file {p} is corrupt: {p.stat().st_size} bytes, manifest says {info.get('size')}",
+                    field="artifacts",
+                    fix="re-run `vpexport export` (or restore the file)",
+                )
+            got = sha256_file(p)
+            if got != info.get("sha256"):
+                raise ArtifactError(
+                    f"artifact file {p} does not match its manifest hash (sha256 {got[:12]}..., expected {str(info.get('sha256'))[:12]}...)",
+                    field="artifacts",
+                    fix="re-run `vpexport export` (or restore the file)",
+                )
+    return data
+
+
+def update_manifest(directory: str | Path, section: str | None, data: dict | None, files: list[str] = ()) -> dict:
+    """Set `section` (if given) and (re)hash `files` (paths relative to `directory`); atomic write."""
+    directory = Path(directory)
+    try:
+        m = _load_raw(directory)
+    except ArtifactError:
+        if (directory / MANIFEST).exists():
+            raise
+        m = {"format": FORMAT, "files": {}}
+    m["format"] = FORMAT
+    m["packages"] = package_versions()
+    for rel in files:
+        rel = Path(rel).as_posix()
+        p = directory / rel
+        if not p.is_file():
+            raise ArtifactError(f"cannot hash {p}: not a file", field="artifacts", fix="check the export step")
+        m["files"][rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    m["files"] = dict(sorted(m["files"].items()))
+    if section is not None:
+        m[section] = data
+    _write_json_atomic(directory / MANIFEST, m)
+    return m

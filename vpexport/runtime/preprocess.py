@@ -1,0 +1,94 @@
+"""The CLIP image processor in numpy + Pillow, driven by `runtime/preprocess.json`.
+
+Steps (as transformers' CLIP processor, PIL backend): convert to RGB; resize so the shortest
+edge is `size.shortest_edge` (the long edge int(size * long / short)), or to `size.height x width`,
+with the PIL resample filter; center crop to `crop_size` (top = (h - ch) // 2, zero padding when
+smaller); rescale by `rescale_factor`; normalize with `image_mean` / `image_std`; HWC -> CHW.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vpexport.errors import UserInputError
+
+
+def load_image(path, field: str = "--image"):
+    """An RGB PIL image, or UserInputError (exit 2) for a missing or unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"image {path} does not exist", field=field, fix="give a path to a PNG/JPEG image")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserInputError(
+            f"{path} is not a readable image ({type(e).__name__})", field=field, fix="give a PNG or JPEG file"
+        ) from None
+
+
+def _resize_size(h: int, w: int, size: dict) -> tuple[int, int]:
+    if "shortest_edge" in size and "longest_edge" not in size:
+        s = int(size["shortest_edge"])
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = s, int(s * long / short)
+        return (new_long, new_short) if w <= h else (new_short, new_long)
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    raise ValueError(f"unsupported resize spec {size}")
+
+
+def _center_crop(a: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    """a: (C, H, W)."""
+    _, h, w = a.shape
+    if h < ch or w < cw:  # pad symmetrically with zeros, as transformers does
+        nh, nw = max(h, ch), max(w, cw)
+        out = np.zeros((a.shape[0], nh, nw), dtype=a.dtype)
+        top, left = (nh - h) // 2, (nw - w) // 2
+        out[:, top : top + h, left : left + w] = a
+        a, h, w = out, nh, nw
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return a[:, top : top + ch, left : left + cw]
+
+
+class Preprocessor:
+    def __init__(self, config: dict):
+        self.cfg = config
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Preprocessor":
+        import json
+
+        return cls(json.loads(Path(path).read_text()))
+
+    def one(self, image) -> np.ndarray:
+        from PIL import Image
+
+        c = self.cfg
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        if c.get("do_convert_rgb", True) and image.mode != "RGB":
+            image = image.convert("RGB")
+        if c["do_resize"]:
+            h, w = _resize_size(image.height, image.width, c["size"])
+            if (h, w) != (image.height, image.width):
+                image = image.resize((w, h), resample=Image.Resampling(c.get("resample", 3)))
+        a = np.asarray(image).transpose(2, 0, 1)  # CHW uint8
+        if c.get("do_center_crop"):
+            a = _center_crop(a, int(c["crop_size"]["height"]), int(c["crop_size"]["width"]))
+        a = a.astype(np.float32)
+        if c["do_rescale"]:
+            a = (a.astype(np.float64) * c["rescale_factor"]).astype(np.float32)
+        if c["do_normalize"]:
+            mean = np.asarray(c["image_mean"], dtype=np.float32)[:, None, None]
+            std = np.asarray(c["image_std"], dtype=np.float32)[:, None, None]
+            a = (a - mean) / std
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def __call__(self, images) -> np.ndarray:
+        return np.stack([self.one(im) for im in images])

@@ -1,0 +1,86 @@
+"""Prompt tokenization with the `tokenizers` library, in the model's static layout.
+
+As the LLaVA processor does: the template's `<image>` placeholder becomes `visual_tokens` image
+tokens before tokenizing; bos etc. come from the tokenizer's post-processor. Text is right-padded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vpexport.errors import UserInputError
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _cleanup(s: str) -> str:
+    """transformers' `clean_up_tokenization` (used when the tokenizer asks for it)."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                 (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        s = s.replace(a, b)
+    return s
+
+
+class PromptTokenizer:
+    def __init__(self, runtime_dir: str | Path, gen: dict):
+        from tokenizers import Tokenizer
+
+        runtime_dir = Path(runtime_dir)
+        self.tok = Tokenizer.from_file(str(runtime_dir / "tokenizer.json"))
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        self.special = json.loads((runtime_dir / "special_tokens.json").read_text())
+        self.gen = gen
+        self.template = gen["template"]
+        self.prefix, self.visual = int(gen["prefix"]), int(gen["visual_tokens"])
+        self.image_token_id = int(gen["image_token_id"])
+        self.pad_id = int(gen["pad_token_id"])
+
+    def render(self, question: str) -> str:
+        if IMAGE_PLACEHOLDER in question:
+            raise UserInputError(
+                f"the question must not contain {IMAGE_PLACEHOLDER}; the recipe's template places the image",
+                field="--prompt",
+                fix="pass only the question text",
+            )
+        return self.template.replace("{question}", question)
+
+    def encode_one(self, question: str) -> list[int]:
+        text = self.render(question).replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * self.visual)
+        ids = self.tok.encode(text, add_special_tokens=True).ids
+        p, n = self.prefix, self.visual
+        if ids[p : p + n] != [self.image_token_id] * n or ids.count(self.image_token_id) != n:
+            raise UserInputError(
+                f"image tokens are not at positions [{p}, {p + n}) of the prompt",
+                field="--prompt",
+                fix="the question must not change the system prefix of the template",
+            )
+        return ids
+
+    def encode(self, questions: list[str], pad_to_text: int | None = None, max_text: int | None = None):
+        """(input_ids, attention_mask) int64, right-padded to prefix + visual + pad_to_text (or the longest)."""
+        rows = [self.encode_one(q) for q in questions]
+        head = self.prefix + self.visual
+        longest = max(len(r) - head for r in rows)
+        if max_text is not None and longest > max_text:
+            raise UserInputError(
+                f"the prompt has {longest} tokens after the image, more than the exported maximum {max_text}",
+                field="--prompt",
+                fix=f"shorten the question, or re-export with export.text_length.max >= {longest}",
+            )
+        width = head + (pad_to_text if pad_to_text is not None else longest)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        return ids, mask
+
+    def decode(self, tokens: list[int]) -> str:
+        s = self.tok.decode(list(tokens), skip_special_tokens=True)
+        if self.special.get("clean_up_tokenization_spaces"):
+            s = _cleanup(s)
+        return s.strip()
