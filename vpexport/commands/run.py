@@ -1,4 +1,5 @@
-"""`vpexport run TARGET --image PATH --prompt TEXT`: answer with the PyTorch path (TARGET = recipe)."""
+"""`vpexport run TARGET --image PATH --prompt TEXT`: answer with the PyTorch path (TARGET = recipe)
+or with ONNX Runtime (TARGET = an artifact folder holding manifest.json; that path never imports torch)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import click
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Question; one, or one per --image.")
 @click.option("--max-new-tokens", type=int, default=None, help="Override the recipe's task.max_new_tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print answers, tokens and kept indices as JSON.")
-def run(target, images, prompts, max_new_tokens, as_json):
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda", "tensorrt"]),
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime execution provider (artifact folders only).",
+)
+def run(target, images, prompts, max_new_tokens, as_json, provider):
     """Answer PROMPT about IMAGE with the recipe's pruned PyTorch model."""
     from vpexport.errors import UserInputError
 
@@ -22,7 +30,12 @@ def run(target, images, prompts, max_new_tokens, as_json):
             f"{len(prompts)} prompts for {len(images)} images", field="--prompt", fix="give one prompt, or one per --image"
         )
     prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
-    answers = _run_recipe(target, list(images), prompts, max_new_tokens)
+    from pathlib import Path
+
+    if Path(target).is_dir() and (Path(target) / "manifest.json").is_file():
+        answers = _run_artifacts(target, list(images), prompts, max_new_tokens, provider)
+    else:
+        answers = _run_recipe(target, list(images), prompts, max_new_tokens)
     if as_json:
         click.echo(json.dumps({"answers": answers}, indent=2))
     else:
@@ -43,3 +56,13 @@ def _run_recipe(path, images, prompts, max_new_tokens):
     if max_new_tokens:
         pipe.max_new_tokens = max_new_tokens
     return [{"text": a.text, "tokens": a.tokens, "kept": a.kept} for a in pipe.answer(pics, prompts)]
+
+
+def _run_artifacts(path, images, prompts, max_new_tokens, provider):
+    """ONNX Runtime path: no torch / transformers import."""
+    from vpexport.runtime import ArtifactRuntime
+    from vpexport.runtime.preprocess import load_image
+
+    pics = [load_image(p) for p in images]  # a bad image fails before sessions load
+    rt = ArtifactRuntime.open(path, provider=provider)
+    return rt.answer(pics, prompts, max_new_tokens)
