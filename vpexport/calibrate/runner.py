@@ -1,0 +1,243 @@
+"""Fast schedule evaluation for calibration and analysis: one dense pass, many schedules.
+
+A schedule's first prune point sits at layer K1 (> sink_layers). Everything before K1 is the
+dense model (with the same sink stage), so one dense pass per (batch, sink_layers) records, at
+every layer i: the hidden state entering layer i, the layer's KV cache, and every rule's score
+read from layer i (for a point at i + 1). A candidate then resumes at K1 from that state, runs
+only layers K1..L-1 (the same maths as `PrunedLlava.prefill`, with the candidate's own
+`PrunedLlava` pieces) and decodes greedily with `PrunedLlava.decode`. `tests/test_calibrate.py`
+checks that the resumed logits equal `PrunedLlava.prefill` on the same schedule.
+
+Images are encoded once per batch (vision tower + projector), and the dense answers once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from vpexport.evaluation import exact_match, token_f1
+from vpexport.model import scoring
+from vpexport.model.pruned import PrunedLlava, causal_mask, repeat_kv
+from vpexport.pruning.schedule import Schedule
+
+SCORE_RULES = ("last_token_attention", "text_attention", "visual_attention", "value_contribution")
+
+
+def sample_score(task: str, pred: str, ref: str) -> float:
+    """Per-sample main metric (the mean over samples is `evaluation.score`'s accuracy)."""
+    return token_f1(pred, ref) if task == "caption" else exact_match(pred, ref)
+
+
+@dataclass
+class EncodedBatch:
+    ids: torch.Tensor
+    mask: torch.Tensor
+    feats: torch.Tensor  # projected image features (B, N, d)
+    refs: list[str]
+    questions: list[str]
+
+
+@dataclass
+class DenseState:
+    """What the dense pass (with a given sink stage) leaves at each layer, for one batch."""
+
+    h_in: list[torch.Tensor]  # hidden state entering layer i
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    scores: dict[tuple[str, int], torch.Tensor]  # (rule, layer i) -> (B, N) scores read from layer i
+    logits: torch.Tensor  # (B, V) dense last-position logits
+
+
+@dataclass
+class RunResult:
+    scores: list[float]  # per-sample main metric of the samples evaluated
+    preds: list[str]
+    first_logits: list[torch.Tensor] = field(default_factory=list)  # per batch (B, V)
+    complete: bool = True  # False when stopped early (the tolerance could no longer be met)
+
+
+class Runner:
+    """Holds the encoded samples of one split and the dense caches; evaluates schedules."""
+
+    def __init__(self, pipe, samples, task: str, batch_size: int = 32, progress=None):
+        from vpexport.model.loading import load_image
+
+        self.pipe, self.task = pipe, task
+        self.base: PrunedLlava = pipe.pruned if pipe.schedule.method == "none" and not pipe.schedule.points else PrunedLlava(
+            pipe.model, Schedule("none"), pipe.prefix
+        )
+        self.L, self.N, self.p = self.base.num_layers, self.base.visual_tokens, self.base.prefix
+        self.samples = samples
+        self.batches: list[EncodedBatch] = []
+        with torch.inference_mode():
+            for i in range(0, len(samples), batch_size):
+                chunk = samples[i : i + batch_size]
+                images = [load_image(s.image, field="task.data") for s in chunk]
+                ids, mask, px = pipe.encode(images, [s.question for s in chunk])
+                self.base.check_inputs(ids)
+                self.batches.append(
+                    EncodedBatch(ids, mask, self.base.encode_image(px), [s.answer for s in chunk], [s.question for s in chunk])
+                )
+                if progress is not None:
+                    progress.update(len(chunk))
+        self._dense: dict[tuple[int, int], DenseState] = {}
+        self._models: dict[Schedule, PrunedLlava] = {}
+        self.dense_result: RunResult | None = None
+
+    # ------------------------------------------------------------------ models
+    def model_for(self, schedule: Schedule) -> PrunedLlava:
+        key = Schedule(schedule.method, schedule.points, schedule.sink_layers, schedule.seed)
+        if key not in self._models:
+            self._models[key] = PrunedLlava(self.pipe.model, schedule, self.p)
+        return self._models[key]
+
+    # ------------------------------------------------------------------ dense pass
+    def dense_state(self, b: int, sink_layers: int = 0) -> DenseState:
+        key = (b, sink_layers)
+        if key not in self._dense:
+            self._dense[key] = self._dense_pass(self.batches[b], sink_layers)
+        return self._dense[key]
+
+    @torch.inference_mode()
+    def _dense_pass(self, eb: EncodedBatch, sink: int) -> DenseState:
+        """`PrunedLlava.prefill` with no prune point (sink stage `sink`), recording every layer."""
+        pl = self.model_for(Schedule("none", sink_layers=sink))
+        p, n = self.p, self.N
+        b, seq = eb.ids.shape
+        h = pl.merge_embeddings(eb.ids, eb.feats)
+        key_valid = eb.mask.to(torch.bool)
+        pos = torch.arange(seq)[None].expand(b, seq)
+        text_len = eb.mask[:, p + n :].sum(-1)
+        last_idx = p + n + text_len - 1
+        cos, sin = pl.rotary_emb(h, pos)
+        allowed = causal_mask(key_valid)
+        h_in, kv, scores = [], [], {}
+        for i in range(self.L):
+            h_in.append(h)
+            x = pl.layers[i].input_layernorm(h)
+            q, k, v = pl._qkv(i, x, cos, sin)
+            kv.append((k, v))
+            kr, vr = repeat_kv(k, pl.groups), repeat_kv(v, pl.groups)
+            layer_allowed = allowed
+            if 0 < i < sink:
+                layer_allowed = allowed & ~pl._text_visual_block(seq, p, n, h.device)
+            attn = F.scaled_dot_product_attention(q, kr, vr, attn_mask=layer_allowed, scale=1 / math.sqrt(pl.head_dim))
+            if i == 0 and sink > 0:
+                t0 = p + n
+                probs = scoring._probs(q[:, :, t0:], kr, allowed[:, :, t0:])
+                text_out = torch.matmul(pl._sink_redirect(probs, p, n).to(vr.dtype), vr)
+                attn = torch.cat([attn[:, :, :t0], text_out], dim=2)
+            if i >= sink and i < self.L - 1:  # a point at i + 1 must come after the sink stage
+                for rule in SCORE_RULES:
+                    scores[(rule, i)] = pl._score(rule, q, kr, vr, allowed, key_valid, last_idx, p, n)
+            h = pl._finish_layer(i, h, attn)
+        h = pl.norm(h)
+        last = torch.gather(h, 1, last_idx[:, None, None].expand(b, 1, h.shape[-1]))[:, 0]
+        return DenseState(h_in, kv, scores, pl.lm_head(last))
+
+    # ------------------------------------------------------------------ resumed prefill
+    @torch.inference_mode()
+    def prefill(self, b: int, schedule: Schedule, pl: PrunedLlava | None = None):
+        """(logits, kv) of `schedule` on batch b, resuming the dense pass at the first prune point."""
+        pl = pl or self.model_for(schedule)
+        st = self.dense_state(b, schedule.sink_layers)
+        if not pl.points:
+            return st.logits, st.kv
+        eb = self.batches[b]
+        p, n = self.p, self.N
+        start = min(pl.points)
+        bsz, seq = eb.ids.shape
+        h = st.h_in[start]
+        key_valid = eb.mask.to(torch.bool)
+        pos = torch.arange(seq)[None].expand(bsz, seq)
+        vis_orig = torch.arange(n)[None].expand(bsz, n)
+        text_len = eb.mask[:, p + n :].sum(-1)
+        first = pl.points[start]
+        score = st.scores.get((first.rule, start - 1)) if first.rule in SCORE_RULES else None
+        kv = list(st.kv[:start])
+        for i in range(start, self.L):
+            if i in pl.points:
+                h, pos, key_valid, vis_orig, n = pl._prune(pl.points[i], score, h, pos, key_valid, vis_orig, n)
+                cos, sin = pl.rotary_emb(h, pos)
+                allowed = causal_mask(key_valid)
+            x = pl.layers[i].input_layernorm(h)
+            q, k, v = pl._qkv(i, x, cos, sin)
+            kv.append((k, v))
+            kr, vr = repeat_kv(k, pl.groups), repeat_kv(v, pl.groups)
+            attn = F.scaled_dot_product_attention(q, kr, vr, attn_mask=allowed, scale=1 / math.sqrt(pl.head_dim))
+            nxt = pl.points.get(i + 1)
+            score = None
+            if nxt is not None and n > 0:
+                last_idx = p + n + text_len - 1
+                score = pl._score(nxt.rule, q, kr, vr, allowed, key_valid, last_idx, p, n)
+            h = pl._finish_layer(i, h, attn)
+        h = pl.norm(h)
+        last_idx = p + n + text_len - 1
+        last = torch.gather(h, 1, last_idx[:, None, None].expand(bsz, 1, h.shape[-1]))[:, 0]
+        return pl.lm_head(last), kv
+
+    @torch.inference_mode()
+    def generate(self, b: int, pl: PrunedLlava, logits, kv) -> list[list[int]]:
+        """Greedy decoding after a prefill (the loop of `PrunedLlava.generate`)."""
+        eb = self.batches[b]
+        eos = self.pipe.eos_token_id
+        bsz = eb.ids.shape[0]
+        text_mask = eb.mask[:, self.p + self.N :].to(torch.long)
+        next_pos = (self.p + self.N + text_mask.sum(-1))[:, None]
+        tokens: list[list[int]] = [[] for _ in range(bsz)]
+        done = [False] * bsz
+        for step in range(self.pipe.max_new_tokens):
+            nxt = logits.argmax(-1)
+            for j in range(bsz):
+                if not done[j]:
+                    t = int(nxt[j])
+                    if eos is not None and t == eos:
+                        done[j] = True
+                    else:
+                        tokens[j].append(t)
+            if all(done) or step == self.pipe.max_new_tokens - 1:
+                break
+            text_mask = torch.cat([text_mask, torch.ones(bsz, 1, dtype=text_mask.dtype)], dim=1)
+            logits, kv = pl.decode(nxt[:, None], next_pos, text_mask, kv)
+            next_pos = next_pos + 1
+        return tokens
+
+    # ------------------------------------------------------------------ evaluation
+    def run(self, schedule: Schedule, min_accuracy: float | None = None, keep_logits: bool = False,
+            pl: PrunedLlava | None = None) -> RunResult:
+        """Per-sample scores of `schedule`. With `min_accuracy`, stop as soon as even a perfect
+        remainder could not reach it (the result is then marked incomplete)."""
+        pl = pl or self.model_for(schedule)
+        dec = self.pipe.processor.tokenizer.decode
+        total = len(self.samples)
+        res = RunResult([], [])
+        for b, eb in enumerate(self.batches):
+            logits, kv = self.prefill(b, schedule, pl)
+            if keep_logits:
+                res.first_logits.append(logits)
+            toks = self.generate(b, pl, logits, kv)
+            for t, ref in zip(toks, eb.refs):
+                pred = dec(t, skip_special_tokens=True).strip()
+                res.preds.append(pred)
+                res.scores.append(sample_score(self.task, pred, ref))
+            if min_accuracy is not None:
+                best = (sum(res.scores) + total - len(res.scores)) / total
+                if best < min_accuracy - 1e-9 and len(res.scores) < total:
+                    res.complete = False
+                    break
+        return res
+
+    def dense(self) -> RunResult:
+        if self.dense_result is None:
+            self.dense_result = self.run(Schedule("none"), keep_logits=True)
+        return self.dense_result
+
+    def drop_caches(self) -> None:
+        self._dense.clear()
+
+
+def accuracy(scores: list[float]) -> float:
+    return sum(scores) / len(scores) if scores else 0.0
