@@ -46,7 +46,13 @@ class ArtifactRuntime:
                 raise
             raise ArtifactError(f"cannot read the runtime assets in {rt}: {type(e).__name__}: {str(e)[:200]}",
                                 field="artifacts", fix="re-run `vpexport export`") from None
-        self.graphs = Graphs(self.dir / "onnx", provider, threads)
+        from vpexport.runtime.trt_session import TrtGraphs, has_engines
+
+        # --provider tensorrt: the TensorRT plans of `vpexport engine` when built, else ORT's TensorRT EP
+        if provider == "tensorrt" and has_engines(self.dir):
+            self.graphs = TrtGraphs(self.dir, self.manifest)
+        else:
+            self.graphs = Graphs(self.dir / "onnx", provider, threads)
         g = self.gen
         self.prefix, self.visual = int(g["prefix"]), int(g["visual_tokens"])
         self.num_layers = int(g["num_layers"])
