@@ -18,6 +18,7 @@ from vpexport.errors import VpexportError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("vpexport.commands.plan", "plan", "Show a recipe's segments, static shapes, FLOPs and KV-cache bytes."),
     "run": ("vpexport.commands.run", "run", "Answer a prompt about an image (PyTorch recipe or exported artifacts)."),
+    "testbed": ("vpexport.testbed.cli", "testbed", "Build, train and synthesise the testbed models and data."),
     "engine": ("vpexport.commands.engine", "engine", "Build TensorRT engines (.plan) from the exported ONNX (needs an NVIDIA GPU)."),
     "eval": ("vpexport.commands.eval", "eval_cmd", "Accuracy of a recipe's schedule on its eval split."),
     "bench": ("vpexport.commands.bench", "bench", "Latency, memory, FLOPs and KV ratios: pruned vs unpruned artifacts."),

@@ -1,0 +1,88 @@
+"""`vpexport testbed ...`: regenerate the mini data, train the mini LLaVA, make synthetic stand-ins."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from vpexport.errors import UserInputError
+
+
+@click.group("testbed")
+def testbed():
+    """Build, train and synthesise the testbed models and data."""
+
+
+@testbed.command("data")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (e.g. data/mini).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--n-train", default=0, show_default=True, type=int, help="Training images to write (0: none).")
+@click.option("--n-calib", default=300, show_default=True, type=int)
+@click.option("--n-eval", default=300, show_default=True, type=int)
+def data_cmd(out, seed, n_train, n_calib, n_eval):
+    """Write vqa/ and caption/ JSONL splits with PNG images, deterministically from --seed."""
+    for name, v in (("--n-train", n_train), ("--n-calib", n_calib), ("--n-eval", n_eval)):
+        if v < 0:
+            raise UserInputError(f"must be >= 0 (got {v})", field=name)
+    from vpexport.testbed.data import generate
+
+    summary = generate(out, seed=seed, n_train=n_train, n_calib=n_calib, n_eval=n_eval)
+    click.echo(json.dumps(summary))
+
+
+@testbed.command("train")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--steps", default=2500, show_default=True, type=int, help="Steps of the full-model stage.")
+@click.option("--vision-steps", default=250, show_default=True, type=int, help="Steps of the vision stage.")
+@click.option("--batch", default=32, show_default=True, type=int)
+@click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option("--threads", default=2, show_default=True, type=int)
+@click.option("--save-every", default=250, show_default=True, type=int)
+@click.option("--max-minutes", default=115.0, show_default=True, type=float, help="Stop (and save) after this.")
+@click.option("--log-file", default=None, type=click.Path(dir_okay=False))
+def train_cmd(out, seed, steps, vision_steps, batch, lr, threads, save_every, max_minutes, log_file):
+    """Train the mini LLaVA on both tasks (deterministic for a seed and thread count)."""
+    if steps < 1 or batch < 1 or vision_steps < 0:
+        raise UserInputError("--steps and --batch must be >= 1, --vision-steps >= 0", field="--steps")
+    from vpexport.testbed.train import train
+
+    train(out, seed=seed, steps=steps, vision_steps=vision_steps, batch=batch, lr=lr, threads=threads,
+          save_every=save_every, max_minutes=max_minutes, log_file=log_file)
+    click.echo(f"saved {out}")
+
+
+@testbed.command("eval")
+@click.option("--model", "ckpt", default="vpexport/testbed/checkpoints/mini-llava", show_default=True,
+              type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "jsonl", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--limit", default=None, type=int)
+@click.option("--drop-keep", default=None, type=float, help="Keep this random fraction of visual tokens.")
+@click.option("--drop-layer", default=2, show_default=True, type=int)
+def eval_cmd(ckpt, jsonl, limit, drop_keep, drop_layer):
+    """Greedy HF generation on a JSONL split: exact match and token F1 (testbed helper)."""
+    if drop_keep is not None and not 0 < drop_keep <= 1:
+        raise UserInputError(f"must be in (0, 1] (got {drop_keep})", field="--drop-keep")
+    from vpexport.testbed.evaluate import evaluate
+
+    click.echo(json.dumps(evaluate(ckpt, jsonl, limit=limit, drop_keep=drop_keep, drop_layer=drop_layer), indent=2))
+
+
+@testbed.command("synth")
+@click.option("--arch", required=True, help="llava-1.5-7b or llava-1.5-13b.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--layers", default=None, type=int, help="Fewer decoder layers (speed work).")
+@click.option("--hidden", default=None, type=int, help="Smaller text width (speed work).")
+@click.option("--vision-layers", default=None, type=int, help="Fewer CLIP layers (default: exact 24).")
+@click.option("--dtype", default="fp16", show_default=True, help="fp32, fp16 or bf16.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def synth_cmd(arch, out, layers, hidden, vision_layers, dtype, seed):
+    """Random-weight LLaVA-1.5 stand-in (exact architecture). No quality figure comes from it."""
+    from vpexport.testbed.synth import synth_config
+
+    synth_config(arch, layers, hidden, vision_layers)  # validate before importing torch
+    from vpexport.testbed.synth import synth
+
+    meta = synth(arch, out, layers=layers, hidden=hidden, vision_layers=vision_layers, dtype=dtype, seed=seed)
+    click.echo(f"saved {out} ({meta['parameters']:,} parameters, random weights: no quality figure comes from it)")
