@@ -1,0 +1,263 @@
+"""`validate_artifacts(artifact_dir, samples=None) -> report`: every output of every ONNX graph
+against the PyTorch rewritten model, on the recipe's eval samples.
+
+Per graph, ONNX Runtime and PyTorch get the SAME inputs (PyTorch's), so each graph's error is
+measured on its own (like Polygraphy's comparator): vision (pixel_values), prefill (input_ids,
+attention_mask, PyTorch's image features), decode (one step from PyTorch's prefill KV). An output
+passes when |onnx - torch| <= atol + rtol * |torch| everywhere (numpy.allclose); max_abs and
+max_rel (= max |onnx - torch| / max(|torch|, 1e-12)) are reported. Then: kept indices equal at
+every prune point, greedy generations (runtime tokenizer + preprocessing + ORT loop vs the HF
+processor + PrunedLlava.generate) identical, and accuracy equal. All failures are collected;
+the caller raises ValidationFailed (exit 4) when `report["passed"]` is false.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vpexport.errors import ArtifactError
+
+
+class _Stat:
+    def __init__(self, atol, rtol):
+        self.atol, self.rtol = atol, rtol
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.bad = 0
+        self.total = 0
+        self.shape_error = None
+
+    def add(self, onnx_out, torch_out):
+        a = np.asarray(onnx_out).astype(np.float64)
+        b = np.asarray(torch_out).astype(np.float64)
+        if a.shape != b.shape:
+            self.shape_error = f"shape {a.shape} != torch {b.shape}"
+            return
+        if a.size == 0:
+            return
+        d = np.abs(a - b)
+        if not np.all(np.isfinite(a)):
+            self.bad += int((~np.isfinite(a)).sum())
+            d = np.where(np.isfinite(d), d, np.inf)
+        self.max_abs = max(self.max_abs, float(d.max()))
+        self.max_rel = max(self.max_rel, float((d / np.maximum(np.abs(b), 1e-12)).max()))
+        self.bad += int((d > self.atol + self.rtol * np.abs(b)).sum())
+        self.total += a.size
+
+    def row(self):
+        return {
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "mismatched_elements": self.bad,
+            "elements": self.total,
+            "passed": self.bad == 0 and self.shape_error is None,
+            **({"error": self.shape_error} if self.shape_error else {}),
+        }
+
+
+def _load_recipe(directory: Path):
+    import yaml
+
+    from vpexport.recipe import recipe_from_dict
+
+    f = directory / "recipe.resolved.yaml"
+    if not f.is_file():
+        raise ArtifactError(f"{f} does not exist", field="artifacts", fix="re-run `vpexport export`")
+    return recipe_from_dict(yaml.safe_load(f.read_text()), source=None, base=directory, check=False)
+
+
+def validate_artifacts(
+    artifact_dir, samples: int | None = None, provider: str = "cpu", batch_size: int | None = None, log=None
+) -> dict:
+    import torch
+
+    from vpexport.data import load_samples
+    from vpexport.evaluation import MAIN_METRIC, score
+    from vpexport.manifest import read_manifest, update_manifest
+    from vpexport.model.loading import load_image, load_llava
+    from vpexport.model.pipeline import TorchPipeline
+    from vpexport.pruning.schedule import Schedule
+    from vpexport.runtime import ArtifactRuntime
+
+    say = log or (lambda m: None)
+    t_start = time.perf_counter()
+    d = Path(artifact_dir)
+    manifest = read_manifest(d)  # ArtifactError (exit 3) on missing/corrupt files
+    if "export" not in manifest:
+        raise ArtifactError(f"{d} has no export section", field="artifacts", fix="run `vpexport export RECIPE`")
+    recipe = _load_recipe(d)
+    exp = manifest["export"]
+    precision = exp["precision"]
+    schedule = Schedule.from_dict(manifest.get("schedule") or exp["schedule"])
+    n_req = samples or recipe.validation.samples
+    data = load_samples(recipe.require_data("eval"), n_req, field="task.data.eval")
+
+    say(f"[validate] loading PyTorch model ({precision}) and ONNX Runtime sessions ({provider})")
+    model, processor = load_llava(recipe.model_dir, {"fp32": "float32", "fp16": "float16"}[precision])
+    pipe = TorchPipeline(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens)
+    pm = pipe.pruned
+    rt = ArtifactRuntime.open(d, provider=provider, verify=False)
+    tol = pm.adapter.tolerances[precision]
+    atol = recipe.validation.atol if recipe.validation.atol is not None else tol.atol
+    rtol = recipe.validation.rtol if recipe.validation.rtol is not None else tol.rtol
+    stats: dict[str, _Stat] = {}
+
+    def stat(name):
+        if name not in stats:
+            stats[name] = _Stat(atol, rtol)
+        return stats[name]
+
+    L = pm.num_layers
+    p, n = pm.prefix, pm.visual_tokens
+    kept_bad = {}
+    input_ids_equal = True
+    pixel_err = 0.0
+    torch_tokens, onnx_tokens, torch_text, onnx_text = [], [], [], []
+    bs = batch_size or min(8, recipe.export.batch.max)
+    for start in range(0, len(data), bs):
+        chunk = data[start : start + bs]
+        images = [load_image(s.image, field="task.data.eval") for s in chunk]
+        questions = [s.question for s in chunk]
+        say(f"[validate] samples {start + 1}-{start + len(chunk)} of {len(data)}")
+        # ---- runtime inputs vs the HF processor
+        ids, mask, px = rt.encode(images, questions)
+        tids, tmask, tpx = pipe.encode(images, questions)
+        w = tids.shape[1]
+        same = ids.shape[1] >= w and np.array_equal(ids[:, :w], tids.numpy()) and np.array_equal(mask[:, :w], tmask.numpy())
+        same = same and not mask[:, w:].any()
+        input_ids_equal = input_ids_equal and bool(same)
+        pixel_err = max(pixel_err, float(np.abs(px - tpx.numpy()).max()))
+        stat("preprocess.pixel_values").add(px, tpx.numpy())
+        # ---- per graph, same inputs
+        tid, tm, tp = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(px)
+        with torch.inference_mode():
+            feats = pm.encode_image(tp)
+            ref = pm.prefill(tid, tm, feats)
+        stat("vision.image_features").add(rt.encode_image(px), feats.numpy())
+        po = rt.prefill(ids, mask, feats.numpy())
+        stat("prefill.logits").add(po.logits, ref.logits.numpy())
+        for i in range(L):
+            for j, w_ in enumerate(("key", "value")):
+                stat(f"prefill.present.{i}.{w_}").add(po.kv[i][j], ref.kv[i][j].numpy())
+        for j, (a, b) in enumerate(zip(po.kept, ref.kept)):
+            rows = int((a != b.numpy()).any(-1).sum()) if a.shape == tuple(b.shape) else len(chunk)
+            kept_bad[f"kept.{j}"] = kept_bad.get(f"kept.{j}", 0) + rows
+        if len(po.kept) != len(ref.kept):
+            kept_bad["count"] = abs(len(po.kept) - len(ref.kept))
+        # decode: one step from PyTorch's prefill state
+        b = ids.shape[0]
+        nxt = ref.logits.argmax(-1)[:, None]
+        pos = (p + n + ref.text_len)[:, None]
+        text_mask = torch.cat([tm[:, p + n :], torch.ones(b, 1, dtype=tm.dtype)], dim=1)
+        with torch.inference_mode():
+            dl, dkv = pm.decode(nxt, pos, text_mask, ref.kv)
+        ol, okv = rt.decode(nxt.numpy(), pos.numpy().astype(np.int64), text_mask.numpy(),
+                            [[k.numpy(), v.numpy()] for k, v in ref.kv])
+        stat("decode.logits").add(ol, dl.numpy())
+        for i in range(L):
+            for j, w_ in enumerate(("key", "value")):
+                stat(f"decode.present.{i}.{w_}").add(okv[i][j], dkv[i][j].numpy())
+        # ---- end to end greedy generation
+        ta = pipe.answer(images, questions)
+        oa = rt.answer(images, questions)
+        torch_tokens += [a.tokens for a in ta]
+        torch_text += [a.text for a in ta]
+        onnx_tokens += [a["tokens"] for a in oa]
+        onnx_text += [a["text"] for a in oa]
+
+    refs = [s.answer for s in data]
+    task = recipe.task.type
+    acc_t, acc_o = score(task, torch_text, refs)["accuracy"], score(task, onnx_text, refs)["accuracy"]
+    matches = [a == b for a, b in zip(onnx_tokens, torch_tokens)]
+    rate = sum(matches) / len(matches)
+    need = recipe.validation.min_generation_match
+    outputs = {k: s.row() for k, s in stats.items()}
+    failures = []
+    for k, r in outputs.items():
+        if not r["passed"]:
+            what = r.get("error") or (
+                f"max_abs {r['max_abs']:.3g} max_rel {r['max_rel']:.3g}, {r['mismatched_elements']}/{r['elements']} "
+                f"elements outside atol {atol:g} + rtol {rtol:g}"
+            )
+            failures.append(f"{k}: {what}")
+    if not input_ids_equal:
+        failures.append("runtime tokenizer: input_ids differ from the checkpoint's processor")
+    for k, v in kept_bad.items():
+        if v:
+            failures.append(f"prefill.{k}: kept indices differ on {v} sample(s)")
+    if rate < need:
+        first = [i for i, m in enumerate(matches) if not m][:3]
+        failures.append(
+            f"generation: {sum(matches)}/{len(matches)} greedy generations identical ({rate:.3f} < {need:g}); "
+            f"first mismatching samples {first}"
+        )
+    acc_slack = 1.0 - need
+    if abs(acc_o - acc_t) > acc_slack + 1e-12:
+        failures.append(f"accuracy: onnx {acc_o:.4f} != torch {acc_t:.4f}")
+    report = {
+        "passed": not failures,
+        "artifact_dir": str(d),
+        "precision": precision,
+        "provider": provider,
+        "samples": len(data),
+        "samples_requested": n_req,
+        "tolerances": {"atol": atol, "rtol": rtol, "rule": "|onnx - torch| <= atol + rtol * |torch|"},
+        "outputs": outputs,
+        "input_ids_equal": input_ids_equal,
+        "pixel_values_max_abs": pixel_err,
+        "kept_indices_equal": not any(kept_bad.values()),
+        "kept_mismatched_samples": kept_bad,
+        "generation_match_rate": rate,
+        "generation_matched": sum(matches),
+        "min_generation_match": need,
+        "generation_mismatches": [
+            {"sample": i, "onnx": onnx_tokens[i], "torch": torch_tokens[i]} for i, m in enumerate(matches) if not m
+        ][:10],
+        "accuracy": {"onnx": acc_o, "torch": acc_t, "metric": MAIN_METRIC[task]},
+        "failures": failures,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    section = {k: v for k, v in report.items() if k not in ("generation_mismatches",)}
+    update_manifest(d, "validation", section)
+    return report
+
+
+def format_report(r: dict) -> str:
+    """A Polygraphy-style comparison table plus the summary lines."""
+    lines = [
+        f"validate {r['artifact_dir']} ({r['precision']}, {r['provider']}, {r['samples']} samples)",
+        f"{'output':<30} {'max_abs':>10} {'max_rel':>10} {'atol':>8} {'rtol':>8}  result",
+    ]
+    for k, o in r["outputs"].items():
+        lines.append(
+            f"{k:<30} {o['max_abs']:>10.3g} {o['max_rel']:>10.3g} {o['atol']:>8.2g} {o['rtol']:>8.2g}  "
+            + ("PASS" if o["passed"] else "FAIL")
+        )
+    lines.append(f"input ids (runtime tokenizer vs processor): {'equal' if r['input_ids_equal'] else 'DIFFER'}")
+    lines.append(
+        "kept indices: " + ("identical at every prune point" if r["kept_indices_equal"] else f"DIFFER {r['kept_mismatched_samples']}")
+    )
+    lines.append(
+        f"greedy generation: {r['generation_matched']}/{r['samples']} identical ({r['generation_match_rate']:.3f}, "
+        f"need {r['min_generation_match']:g})"
+    )
+    a = r["accuracy"]
+    lines.append(f"accuracy ({a['metric']}): onnx {a['onnx']:.4f}  torch {a['torch']:.4f}")
+    if r["samples"] < r["samples_requested"]:
+        lines.append(f"note: the eval split has only {r['samples']} samples ({r['samples_requested']} requested)")
+    if r["passed"]:
+        lines.append(f"PASSED in {r['seconds']} s")
+    else:
+        lines.append(f"FAILED: {len(r['failures'])} problem(s):")
+        lines += [f"  - {f}" for f in r["failures"]]
+    return "\n".join(lines)
+
+
+def report_json(r: dict) -> str:
+    return json.dumps(r, indent=2)
