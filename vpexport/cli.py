@@ -16,6 +16,7 @@ from vpexport.errors import VpexportError
 
 # name -> (module, attribute, one-line help). The single table of CLI commands.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "build": ("vpexport.commands.build", "build", "Run the whole pipeline for a recipe (calibrate, export, engine, validate, package)."),
     "plan": ("vpexport.commands.plan", "plan", "Show a recipe's segments, static shapes, FLOPs and KV-cache bytes."),
     "run": ("vpexport.commands.run", "run", "Answer a prompt about an image (PyTorch recipe or exported artifacts)."),
     "testbed": ("vpexport.testbed.cli", "testbed", "Build, train and synthesise the testbed models and data."),

@@ -1,0 +1,225 @@
+"""`vpexport build`: the whole pipeline for one recipe, staged and resumable.
+
+Stages run in a staging folder beside the final one (`artifacts/.<name>.staging/`); the final
+folder is replaced only when every stage succeeded, so a failed build never leaves a
+half-written artifact where a deployment would look. Each stage records a key (a hash of what
+it depends on) in the manifest; a re-run with unchanged inputs reuses the finished stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from vpexport import __version__
+from vpexport.errors import RuntimeUnavailable
+from vpexport.paths import SCHEDULE_FILE, artifact_dir
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable  # (ctx) -> dict summary
+    applies: Callable = lambda ctx: True  # noqa: E731
+    key_sections: tuple[str, ...] = ()  # recipe sections this stage depends on (beyond upstream keys)
+    optional_runtime: bool = False  # RuntimeUnavailable -> skipped with one line, not a failure
+
+
+class Context:
+    def __init__(self, recipe, staging: Path, log):
+        self.recipe, self.dir, self.log = recipe, staging, log
+        self.schedule = None
+        self.keys: dict[str, str] = {}
+        self.summaries: dict[str, dict] = {}
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def _files_fingerprint(paths) -> list:
+    out = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
+        out += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return out
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _section(recipe, name: str):
+    return recipe.resolved().get(name)
+
+
+# ----------------------------------------------------------------------------- stages
+def _stage_calibrate(ctx: Context) -> dict:
+    from vpexport.calibrate.runner import calibrate_recipe
+
+    return calibrate_recipe(ctx.recipe, out_dir=ctx.dir, log=ctx.log)
+
+
+def _stage_export(ctx: Context) -> dict:
+    from vpexport.export.onnx_export import export_artifacts
+
+    return export_artifacts(ctx.recipe, ctx.dir, ctx.schedule, log=ctx.log)
+
+
+def _stage_engine(ctx: Context) -> dict:
+    from vpexport.engine.build import build_engines
+
+    e = ctx.recipe.engine
+    return build_engines(ctx.dir, e.precision, e.workspace_gb, e.timing_cache, e.version_compatible, echo=ctx.log)
+
+
+def _stage_validate(ctx: Context) -> dict:
+    from vpexport.errors import ValidationFailed
+    from vpexport.validate.compare import format_report, validate_artifacts
+
+    report = validate_artifacts(ctx.dir, log=ctx.log)
+    ctx.log(format_report(report))
+    if not report["passed"]:
+        raise ValidationFailed(
+            f"{len(report.get('failures', []))} mismatches between the artifacts and PyTorch (report above)",
+            field="validate",
+            fix="inspect the report; the staging folder is kept for `vpexport validate`",
+        )
+    return {"passed": True, "generation_match_rate": report["generation_match_rate"]}
+
+
+def _stage_package(ctx: Context) -> dict:
+    from vpexport.package.triton import package_triton
+
+    return package_triton(ctx.dir, ctx.dir / "triton", ctx.recipe.deploy)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("calibrate", _stage_calibrate, lambda c: c.recipe.calibrating, ("model", "task", "pruning")),
+    Stage("export", _stage_export, key_sections=("model", "task", "pruning", "export")),
+    Stage("engine", _stage_engine, key_sections=("engine",), optional_runtime=True),
+    Stage("validate", _stage_validate, key_sections=("validate",)),
+    Stage("package", _stage_package, lambda c: c.recipe.deploy.triton.enabled, ("deploy",)),
+)
+
+
+# ----------------------------------------------------------------------------- driver
+def ensure_model(recipe, log) -> None:
+    """Create a recipe's random-weight stand-in when `model.synth` is set and it is missing."""
+    syn = recipe.model.synth
+    if syn is None or (Path(recipe.model.path) / "config.json").is_file():
+        return
+    from vpexport.testbed.synth import synth_standin
+
+    log(f"[build] creating the random-weight stand-in {syn.arch} at {recipe.model.path} (speed work only)")
+    synth_standin(
+        syn.arch, recipe.model.path, layers=syn.layers, hidden=syn.hidden, vision_layers=syn.vision_layers,
+        dtype=recipe.model.dtype, seed=syn.seed,
+    )
+
+
+def _prepare_staging(final: Path, staging: Path) -> None:
+    if staging.exists():
+        return  # a previous failed build: its finished stages are reused by key
+    if final.exists():
+        # Hard links: no copy of multi-GB files; stages replace files (new inodes), never edit in place.
+        shutil.copytree(final, staging, copy_function=os.link)
+    else:
+        staging.mkdir(parents=True)
+
+
+def _previous_keys(staging: Path) -> dict:
+    try:
+        m = json.loads((staging / "manifest.json").read_text())
+        return {k: v.get("key") for k, v in m.get("build", {}).get("stages", {}).items() if v.get("status") == "done"}
+    except (OSError, ValueError):
+        return {}
+
+
+def _stage_outputs_intact(staging: Path) -> bool:
+    from vpexport.errors import ArtifactError
+    from vpexport.manifest import read_manifest
+
+    try:
+        read_manifest(staging)
+        return True
+    except ArtifactError:
+        return False
+
+
+def build(recipe, out: str | Path | None = None, force: bool = False, log=print) -> dict:
+    from vpexport.manifest import update_manifest
+    from vpexport.paths import resolve_schedule
+    from vpexport.recipe import load_recipe, save_resolved
+
+    t_start = time.perf_counter()
+    ensure_model(recipe, log)
+    if recipe.model.synth is not None:
+        recipe = load_recipe(recipe.source)  # now fully checkable
+    final = artifact_dir(recipe, out)
+    staging = final.with_name(f".{final.name}.staging")
+    if force and staging.exists():
+        shutil.rmtree(staging)
+    _prepare_staging(final, staging)
+    ctx = Context(recipe, staging, log)
+    prev = {} if force else _previous_keys(staging)
+    intact = _stage_outputs_intact(staging) if prev else False
+    base = _hash(
+        __version__,
+        _files_fingerprint([recipe.model.path, recipe.task.data.calib, recipe.task.data.eval]),
+    )
+    upstream = base
+    records = {}
+    arch = recipe.resolve_arch()
+    for st in STAGES:
+        if not st.applies(ctx):
+            records[st.name] = {"status": "not requested"}
+            continue
+        if st.name == "export":  # the schedule is fixed from here on (recipe or calibrated)
+            ctx.schedule = resolve_schedule(recipe, arch, staging)
+            upstream = _hash(upstream, ctx.schedule.to_dict())
+        key = _hash(upstream, [_section(recipe, s) for s in st.key_sections], st.name)
+        reusable = prev.get(st.name) == key and (intact or st.name == "calibrate")
+        if st.name == "calibrate":
+            reusable = reusable and (staging / SCHEDULE_FILE).is_file()
+        t0 = time.perf_counter()
+        if reusable:
+            log(f"[build] {st.name}: unchanged inputs, reusing the finished stage")
+            records[st.name] = {"status": "done", "key": key, "reused": True}
+        else:
+            log(f"[build] {st.name} ...")
+            try:
+                ctx.summaries[st.name] = st.run(ctx) or {}
+            except RuntimeUnavailable as e:
+                if not st.optional_runtime:
+                    raise
+                log(f"[build] {st.name}: skipped: {e.one_line()}")
+                records[st.name] = {"status": "skipped", "reason": str(e)}
+                continue
+            records[st.name] = {"status": "done", "key": key, "seconds": round(time.perf_counter() - t0, 2)}
+            intact = True
+        upstream = key
+        # Record progress after every stage so a later failure keeps what finished.
+        update_manifest(staging, "build", {"stages": records, "complete": False})
+    save_resolved(recipe, staging)
+    manifest = update_manifest(
+        staging,
+        "build",
+        {"stages": records, "complete": True, "seconds": round(time.perf_counter() - t_start, 2), "vpexport": __version__},
+        files=["recipe.resolved.yaml"] + ([SCHEDULE_FILE] if (staging / SCHEDULE_FILE).is_file() else []),
+    )
+    _swap_into_place(staging, final)
+    return {"artifact_dir": str(final), "stages": records, "manifest": manifest, "summaries": ctx.summaries}
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    if old.exists():
+        shutil.rmtree(old)

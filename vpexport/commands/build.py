@@ -1,0 +1,50 @@
+"""`vpexport build RECIPE`: calibrate (if asked), export, engines (if a GPU is here), validate, package."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _size(n: int) -> str:
+    for unit, s in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= s:
+            return f"{n / s:.1f} {unit}"
+    return f"{n} B"
+
+
+@click.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path())
+@click.option("--out", type=click.Path(), default=None, help="Artifact folder (default: artifacts/<recipe name>).")
+@click.option("--force", is_flag=True, help="Re-run every stage even when its inputs are unchanged.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
+def build(recipe_path, out, force, as_json):
+    """Run the whole pipeline for RECIPE into artifacts/<name>/ (resumable, written atomically)."""
+    from vpexport.build import build as run_build
+    from vpexport.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    res = run_build(recipe, out, force=force, log=log)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in res.items() if k != "summaries"}, indent=2, default=str))
+        return
+    d = Path(res["artifact_dir"])
+    click.echo(f"\nbuilt {recipe.name} -> {d}")
+    for name, rec in res["stages"].items():
+        extra = " (reused)" if rec.get("reused") else (f" ({rec['seconds']} s)" if "seconds" in rec else "")
+        why = f": {rec['reason']}" if rec.get("reason") else ""
+        click.echo(f"  {name:10} {rec['status']}{extra}{why}")
+    click.echo("artifacts:")
+    for rel, info in res["manifest"]["files"].items():
+        if rel.endswith((".onnx", ".plan", ".json", ".pbtxt")) and "/" in rel and not rel.startswith("triton/"):
+            click.echo(f"  {d / rel}  {_size(info['size'])}")
+    if (d / "triton").is_dir():
+        click.echo(f"  {d / 'triton'}/  (Triton model repository)")
+    click.echo("next:")
+    click.echo(f"  vpexport run {d} --image IMAGE.png --prompt 'QUESTION'")
+    click.echo(f"  vpexport bench {d}")
+    if res["stages"].get("engine", {}).get("status") != "done":
+        click.echo(f"  vpexport engine {d}   # on the target NVIDIA GPU / Jetson")
