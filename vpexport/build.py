@@ -113,13 +113,14 @@ def ensure_model(recipe, log) -> None:
     syn = recipe.model.synth
     if syn is None or (Path(recipe.model.path) / "config.json").is_file():
         return
-    from vpexport.testbed.synth import synth_standin
+    from vpexport.testbed.synth import synth
 
     log(f"[build] creating the random-weight stand-in {syn.arch} at {recipe.model.path} (speed work only)")
-    synth_standin(
-        syn.arch, recipe.model.path, layers=syn.layers, hidden=syn.hidden, vision_layers=syn.vision_layers,
-        dtype=recipe.model.dtype, seed=syn.seed,
-    )
+    dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[recipe.model.dtype]
+    target = Path(recipe.model.path)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    synth(syn.arch, tmp, layers=syn.layers, hidden=syn.hidden, vision_layers=syn.vision_layers, dtype=dtype, seed=syn.seed)
+    tmp.rename(target)
 
 
 def _prepare_staging(final: Path, staging: Path) -> None:
