@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from vpexport.errors import UserInputError
+from vpexport.testbed.synth import synth, synth_config
+
+
+def test_unknown_arch():
+    with pytest.raises(UserInputError) as e:
+        synth_config("llava-9b")
+    assert e.value.field == "--arch"
+
+
+def test_full_config_is_exact():
+    from vpexport.arch.builtin import BUILTIN_ARCHS
+
+    assert synth_config("llava-1.5-13b") == BUILTIN_ARCHS["llava-1.5-13b"].hf_config
+
+
+def test_tiny_synth(tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    out = tmp_path / "syn"
+    meta = synth("llava-1.5-7b", out, layers=2, hidden=64, vision_layers=2, dtype="fp32")
+    assert meta["synthetic"] and "No accuracy or quality figure" in meta["quality"]
+    assert "No quality figure" in (out / "README.md").read_text()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["vocab_size"] == 32064
+    assert cfg["text_config"]["num_hidden_layers"] == 2 and cfg["text_config"]["hidden_size"] == 64
+    assert cfg["vision_config"]["image_size"] == 336 and cfg["vision_config"]["patch_size"] == 14
+    proc = AutoProcessor.from_pretrained(out)
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    enc = proc(images=Image.new("RGB", (64, 48)), text=meta["prompt_template"].format(question="what is it ?"),
+               return_tensors="pt")
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == 576
+    import torch
+
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape[-1] == 32064
+
+
+def test_cli_help_and_bad_arch():
+    from click.testing import CliRunner
+
+    from vpexport.cli import cli
+
+    r = CliRunner().invoke(cli, ["testbed", "--help"])
+    assert r.exit_code == 0 and "synth" in r.output and "train" in r.output
+    r = CliRunner().invoke(cli, ["testbed", "synth", "--arch", "nope", "--out", "x"])
+    assert isinstance(r.exception, UserInputError)
