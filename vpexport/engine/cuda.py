@@ -102,7 +102,10 @@ class CudaPythonBackend:
         return self._check(self.rt.cudaStreamCreate())
 
     def stream_handle(self, stream) -> int:
-        return int(stream)
+        try:
+            return int(stream)  # cudaStream_t converts to its address
+        except TypeError:
+            return int(stream.getPtr())
 
     def stream_sync(self, stream) -> None:
         self._check(self.rt.cudaStreamSynchronize(stream))
