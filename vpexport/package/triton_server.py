@@ -237,13 +237,22 @@ def wait_ready(handle: ServerHandle, models=("llava",), timeout: float = 120.0) 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if handle.proc.poll() is not None:
-            tail = " | ".join(handle.log().strip().splitlines()[-8:])
-            raise RuntimeUnavailable(f"tritonserver exited with code {handle.proc.returncode}: {tail}", field="triton")
+            raise RuntimeUnavailable(f"tritonserver exited with code {handle.proc.returncode}: {_log_error(handle.log())}",
+                                     field="triton", fix=f"see the server log ({handle.log_path})")
         if ok("/v2/health/ready") and all(ok(f"/v2/models/{m}/ready") for m in (models or ())):
             return time.monotonic() - handle.started_at
         time.sleep(0.25)
     tail = " | ".join(handle.log().strip().splitlines()[-8:])
     raise RuntimeUnavailable(f"tritonserver not ready after {timeout:.0f} s: {tail}", field="triton")
+
+
+def _log_error(log: str) -> str:
+    """The server's own error line (e.g. a model that failed to load), else the log's last line."""
+    lines = [ln.strip() for ln in log.strip().splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("error:") or ln.startswith("E"):
+            return ln[:400]
+    return lines[-1][:400] if lines else "(empty log)"
 
 
 def stop(handle: ServerHandle, timeout: float = 30.0) -> int | None:
