@@ -141,8 +141,6 @@ def _common(cfg, d: dict, batched: bool, pb) -> None:
     g = cfg.instance_group.add()
     g.count = d["instances"]
     g.kind = pb.ModelInstanceGroup.KIND_GPU if d["device"] == "gpu" else pb.ModelInstanceGroup.KIND_CPU
-    if d["device"] == "gpu":
-        g.gpus.append(0)
 
 
 def component_config(name: str, sig: dict, platform: str, d: dict):

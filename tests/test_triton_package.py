@@ -1,0 +1,176 @@
+"""`vpexport package --triton` and its offline checker, on a small synthetic artifact folder
+(graphs with the exported I/O names built with onnx.helper: no torch, no export, no server).
+
+The checker must catch, before any server sees them: a wrong platform, a dim that does not match
+the graph, a missing model file (through the real CLI: non-zero exit, one clear line), plus a
+BLS component that names no model and a leftover template marker."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] (Triton's config schema) is not installed")
+
+from vpexport.manifest import update_manifest  # noqa: E402
+from vpexport.package.triton import check_repository, package_triton  # noqa: E402
+
+LAYERS = 2
+
+
+def _graph(path: Path, inputs, outputs):
+    """A valid ONNX graph with these (name, elem_type, dims) inputs/outputs (outputs = casts of input 0)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    vi = lambda n, t, d: helper.make_tensor_value_info(n, t, d)  # noqa: E731
+    nodes = [helper.make_node("Cast", [inputs[0][0]], [o[0]], to=o[1]) for o in outputs]
+    g = helper.make_graph(nodes, path.stem, [vi(*i) for i in inputs], [vi(*o) for o in outputs])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(path))
+    assert TensorProto.FLOAT == 1
+
+
+def make_artifact(d: Path, deploy: dict | None = None) -> Path:
+    from onnx import TensorProto as T
+
+    F, I = T.FLOAT, T.INT64
+    kv_in = [(f"past.{i}.{kv}", F, ["batch", 4, f"past_len.{i}", 32]) for i in range(LAYERS) for kv in ("key", "value")]
+    kv_out = [(f"present.{i}.{kv}", F, ["batch", 4, 153, 32]) for i in range(LAYERS) for kv in ("key", "value")]
+    _graph(d / "onnx/vision.onnx", [("pixel_values", F, ["batch", 3, 96, 96])], [("image_features", F, ["batch", 144, 128])])
+    _graph(d / "onnx/prefill.onnx",
+           [("input_ids", I, ["batch", 177]), ("attention_mask", I, ["batch", 177]), ("image_features", F, ["batch", 144, 128])],
+           [("logits", F, ["batch", 51])] + kv_out)
+    _graph(d / "onnx/decode.onnx",
+           [("input_ids", I, ["batch", 1]), ("position_ids", I, ["batch", 1]), ("text_mask", I, ["batch", "text_total"])] + kv_in,
+           [("logits", F, ["batch", 51])] + kv_out)
+    rt = d / "runtime"
+    rt.mkdir(parents=True, exist_ok=True)
+    for n in ("tokenizer.json", "preprocess.json", "generation.json"):
+        (rt / n).write_text(json.dumps({"batch_max": 8}))
+    files = [f"onnx/{n}.onnx" for n in ("vision", "prefill", "decode")] + [f"runtime/{n}" for n in
+                                                                          ("tokenizer.json", "preprocess.json", "generation.json")]
+    update_manifest(d, "recipe", {"deploy": {"triton": deploy or {"enabled": True, "max_batch_size": 8, "mode": "inprocess"}}})
+    update_manifest(d, "export", {"batch": {"max": 8}}, files=files)
+    return d
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    art = make_artifact(tmp_path / "art")
+    package_triton(art, tmp_path / "repo", None)
+    return tmp_path / "repo"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "vpexport", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_generated_repository_is_sound(repo):
+    assert check_repository(repo) == []
+    assert sorted(p.name for p in repo.iterdir()) == ["decode", "llava", "prefill", "vision"]
+    text = (repo / "vision" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in text and "max_batch_size: 8" in text
+    assert "dims: 3\n  dims: 96\n  dims: 96" in text  # batch dim dropped
+    dec = (repo / "decode" / "config.pbtxt").read_text()
+    assert re.search(r'name: "text_mask"\s+data_type: TYPE_INT64\s+dims: -1', dec)
+    py = (repo / "llava" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in py and "KIND_CPU" in py and 'string_value: "inprocess"' in py
+    assert (repo / "llava/1/model.py").is_file() and (repo / "llava/1/vpexport/runtime/generate.py").is_file()
+    assert (repo / "llava/1/artifact/onnx/prefill.onnx").is_file()
+    for f in repo.rglob("*"):  # the runtime copy is torch-free
+        if f.suffix == ".py" and "vpexport" in f.parts:
+            assert not re.search(r"^\s*(import|from)\s+(torch|transformers)\b", f.read_text(), re.M), f
+    assert not list(repo.parent.glob(".repo.tmp-*"))  # temp folder renamed away
+    r = cli("package", "--check", repo)
+    assert r.returncode == 0 and "ok" in r.stdout
+
+
+def test_deploy_settings_bls_gpu(tmp_path):
+    art = make_artifact(tmp_path / "art")
+    cfg = {"enabled": True, "max_batch_size": 4, "max_queue_delay_us": 500, "preferred_batch_sizes": [2, 4],
+           "instances": 2, "device": "gpu", "mode": "bls"}
+    s = package_triton(art, tmp_path / "repo", cfg)
+    repo = tmp_path / "repo"
+    assert check_repository(repo) == []
+    v = (repo / "vision" / "config.pbtxt").read_text()
+    assert "KIND_GPU" in v and "count: 2" in v and "preferred_batch_size: 2" in v and "max_queue_delay_microseconds: 500" in v
+    assert 'string_value: "bls"' in (repo / "llava" / "config.pbtxt").read_text()
+    assert not (repo / "llava/1/artifact/onnx").exists()  # bls: the graphs live in the component models only
+    assert s["models"]["llava"]["provider"] == "cuda"
+
+
+def test_check_catches_wrong_platform(repo):
+    c = repo / "vision" / "config.pbtxt"
+    c.write_text(c.read_text().replace('platform: "onnxruntime_onnx"', 'platform: "onnxruntime_onx"'))
+    r = cli("package", "--check", repo)
+    assert r.returncode == 3, r.stderr
+    line = r.stderr.strip().splitlines()[0]
+    assert "unknown platform 'onnxruntime_onx'" in line and "did you mean 'onnxruntime_onnx'" in line
+    assert "Traceback" not in r.stderr
+
+
+def test_check_catches_dim_mismatch(repo):
+    c = repo / "vision" / "config.pbtxt"
+    c.write_text(c.read_text().replace("dims: 96\n", "dims: 97\n", 1))
+    r = cli("package", "--check", repo)
+    assert r.returncode == 3
+    line = r.stderr.strip().splitlines()[0]
+    assert "input 'pixel_values' dims [3, 97, 96] do not match the graph's [3, 96, 96]" in line, line
+
+
+def test_check_catches_missing_model_file(repo):
+    (repo / "prefill" / "1" / "model.onnx").unlink()
+    r = cli("package", "--check", repo)
+    assert r.returncode == 3
+    assert "prefill/1: model file model.onnx is missing" in r.stderr.strip().splitlines()[0]
+
+
+def test_check_catches_type_name_and_schema_errors(repo):
+    c = repo / "decode" / "config.pbtxt"
+    c.write_text(c.read_text().replace('name: "position_ids"\n  data_type: TYPE_INT64', 'name: "position_ids"\n  data_type: TYPE_INT32'))
+    p = repo / "prefill" / "config.pbtxt"
+    p.write_text(p.read_text().replace('name: "logits"', 'name: "logit"'))
+    v = repo / "vision" / "config.pbtxt"
+    v.write_text(v.read_text().replace("max_batch_size: 8", "max_batch_sise: 8"))
+    problems = check_repository(repo)
+    assert any("position_ids' data_type TYPE_INT32, the graph has TYPE_INT64" in p for p in problems), problems
+    assert any("output 'logit' is not a graph output (did you mean 'logits'?)" in p for p in problems), problems
+    assert any(p.startswith("vision/config.pbtxt: does not parse as a Triton ModelConfig") for p in problems), problems
+
+
+def test_check_catches_bls_wiring_and_placeholders(tmp_path):
+    art = make_artifact(tmp_path / "art")
+    package_triton(art, tmp_path / "repo", {"mode": "bls"})
+    repo = tmp_path / "repo"
+    c = repo / "llava" / "config.pbtxt"
+    c.write_text(c.read_text().replace('"vision,prefill,decode"', '"vision,prefil,decode"'))
+    m = repo / "llava" / "1" / "model.py"
+    m.write_text(m.read_text() + "\nMODE = '{{mode}}'\n")
+    problems = check_repository(repo)
+    assert any("BLS component 'prefil' is not a model in the repository (did you mean 'prefill'?)" in p for p in problems)
+    assert any("template placeholder left" in p and "model.py" in p for p in problems), problems
+
+
+def test_package_cli_errors_are_one_line(tmp_path):
+    r = cli("package", tmp_path / "nope", "--triton", tmp_path / "repo")
+    assert r.returncode == 3 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    art = make_artifact(tmp_path / "art")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "x").write_text("keep")
+    r = cli("package", art, "--triton", tmp_path / "repo")
+    assert r.returncode == 2 and "--force" in r.stderr
+    r = cli("package", art, "--triton", tmp_path / "repo", "--force", "--mode", "bls", "--max-batch-size", "4")
+    assert r.returncode == 0, r.stderr
+    assert "max_batch_size: 4" in (tmp_path / "repo" / "vision" / "config.pbtxt").read_text()
+    # a corrupt artifact (manifest hash mismatch) is refused before anything is written
+    (art / "onnx" / "vision.onnx").write_bytes(b"corrupt")
+    r = cli("package", art, "--triton", tmp_path / "repo2")
+    assert r.returncode == 3 and "vision.onnx" in r.stderr and not (tmp_path / "repo2").exists()
