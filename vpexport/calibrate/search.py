@@ -1,0 +1,435 @@
+"""`vpexport calibrate`: find static prune layers and keep budgets on the calibration split.
+
+Objective: the lowest exact prefill FLOPs ratio whose calibration accuracy drop against the
+unpruned model stays within `pruning.calibrate.tolerance`.
+
+Search (deterministic for a seed):
+1. Dense pass over the calibration samples (cached per batch: every layer's hidden state, KV
+   cache and rule scores; see runner.py), dense answers cached; `analyze` runs on the same cache
+   and seeds the grids: the fusion / exit layers (VisiPruner's points), the concentration
+   counts (tokens holding 90% of the attention) and the large-contribution counts (keeps).
+2. Coarse stage: every method's points over all valid layers, keeps on a geometric grid
+   (factor 2, plus the analysis seeds). FLOPs need no model run, so candidates are sorted by
+   FLOPs and evaluated cheapest first; a candidate is dropped as soon as its remaining samples
+   can no longer bring it within tolerance; the first one within tolerance ends the stage
+   (everything after it costs more).
+3. Fine stage: around the coarse winner (its layers +-1, keeps on a 2^(1/4) grid between half
+   and all of its keeps), again cheapest first, stopping at the first within tolerance.
+   A winner must be confirmed: the next more generous keep in its branch must pass too
+   (guards against passing by luck among many near-threshold candidates).
+4. Only then is the eval split loaded: dense, the chosen schedule and every method's published
+   default are measured on it (and the defaults on calibration too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vpexport.errors import CalibrationFailed, RecipeError
+from vpexport.pruning.methods import METHODS
+from vpexport.pruning.schedule import Schedule
+
+SEARCH_METHODS = ("fastv", "himap", "visipruner")
+BASELINES = ("random", "uniform")
+COARSE = 2.0
+FINE = 2 ** 0.25
+MAX_SINK = 2
+
+
+def set_threads() -> None:
+    """Intra-op threads (VPEXPORT_THREADS, default 1). On a shared 2-core machine with another job
+    running, 2 OpenMP threads were measured 30-60x slower than 1 (spin-waiting); raise it on an idle host."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("VPEXPORT_THREADS", "1")))
+
+
+def geometric(hi: int, factor: float) -> list[int]:
+    """Keep budgets hi/factor, hi/factor^2, ... down to 1 (rounded, unique, descending, < hi)."""
+    out, x = [], float(hi)
+    while True:
+        x /= factor
+        k = max(1, round(x))
+        if k < hi and (not out or k < out[-1]):
+            out.append(k)
+        if k <= 1:
+            return out
+
+
+@dataclass
+class Candidate:
+    schedule: Schedule
+    flops: float
+    stage: str
+    accuracy: float | None = None
+    drop: float | None = None
+    samples: int = 0
+    complete: bool = False
+    passed: bool | None = None
+
+    @property
+    def key(self):
+        s = self.schedule
+        return (s.method, tuple((p.layer, p.keep) for p in s.points), s.sink_layers)
+
+    def to_dict(self) -> dict:
+        s = self.schedule
+        return {
+            "method": s.method,
+            "points": [{"layer": p.layer, "keep": p.keep, "rule": p.rule} for p in s.points],
+            "sink_layers": s.sink_layers,
+            "flops_ratio": self.flops,
+            "stage": self.stage,
+            "calib_accuracy": self.accuracy,
+            "accuracy_drop": self.drop,
+            "samples_evaluated": self.samples,
+            "complete": self.complete,
+            "within_tolerance": self.passed,
+        }
+
+
+class Search:
+    def __init__(self, runner, arch, layout, methods, tolerance: float, seed: int = 0, seeds: dict | None = None,
+                 progress: bool = True):
+        from vpexport.accounting import prefill_flops
+
+        self.runner, self.arch, self.layout = runner, arch, layout
+        self.methods = list(methods)
+        self.tol, self.seed = tolerance, seed
+        self.seeds = seeds or {}
+        self.L, self.N = arch.text.layers, arch.visual_tokens
+        self._flops = lambda s: prefill_flops(arch, s, layout)["ratio"]
+        self.tried: dict[tuple, Candidate] = {}
+        self.progress = progress
+        self.dense_acc = None
+
+    # ------------------------------------------------------------------ candidates
+    def make(self, method: str, points, sink: int = 0, stage: str = "coarse") -> Candidate | None:
+        s = METHODS[method].schedule(list(points), sink_layers=sink, seed=self.seed, meta={"calibrated": True})
+        try:
+            s.check(self.L, self.N)
+        except Exception:
+            return None
+        return Candidate(s, self._flops(s), stage)
+
+    def _keeps(self, hi: int, factor: float, extra=()) -> list[int]:
+        ks = set(geometric(hi, factor)) | {int(k) for k in extra if k and 1 <= int(k) < hi}
+        return sorted(ks, reverse=True)
+
+    def coarse(self) -> list[Candidate]:
+        L, N = self.L, self.N
+        conc = {int(k): v for k, v in (self.seeds.get("concentration") or {}).items()}
+        conc_last = {int(k): v for k, v in (self.seeds.get("concentration_last") or {}).items()}
+        out = []
+        if "fastv" in self.methods:
+            for K in range(1, L):
+                for k in self._keeps(N, COARSE, [conc_last.get(K - 1)]):
+                    out.append(self.make("fastv", [(K, k)]))
+        if "himap" in self.methods:
+            for K1 in range(1, L - 1):
+                for k1 in self._keeps(N, COARSE, [conc.get(K1 - 1)]):
+                    for K2 in range(K1 + 1, L):
+                        for k2 in self._keeps(k1, COARSE):
+                            out.append(self.make("himap", [(K1, k1), (K2, k2)]))
+        if "visipruner" in self.methods:
+            fk = [self.seeds.get("fusion_keep_abs"), self.seeds.get("fusion_keep_rel")]
+            for sink in range(0, MAX_SINK + 1):
+                for Kf in range(sink + 1, L):
+                    for k in self._keeps(N, COARSE, fk):
+                        out.append(self.make("visipruner", [(Kf, k)], sink))
+                        for Ke in range(Kf + 1, L):
+                            out.append(self.make("visipruner", [(Kf, k), (Ke, 0)], sink))
+        return [c for c in out if c is not None]
+
+    def fine(self, best: Candidate) -> list[Candidate]:
+        s = best.schedule
+        out = []
+        layer_opts = []
+        for p in s.points:
+            layer_opts.append(sorted({l for l in (p.layer - 1, p.layer, p.layer + 1) if 1 <= l < self.L}))
+        keep_opts = []
+        prev = self.N
+        for p in s.points:
+            if p.rule == "drop_all":
+                keep_opts.append([0])
+                continue
+            hi = min(prev, max(p.keep * 2, p.keep + 1))
+            keep_opts.append([k for k in self._keeps(hi, FINE) + [hi] if k >= max(1, p.keep // 2)])
+            prev = p.keep
+
+        def rec(i, acc):
+            if i == len(s.points):
+                yield list(acc)
+                return
+            for l in layer_opts[i]:
+                for k in keep_opts[i]:
+                    yield from rec(i + 1, acc + [(l, k)])
+
+        for pts in rec(0, []):
+            c = self.make(s.method, pts, s.sink_layers, stage="fine")
+            if c is not None:
+                out.append(c)
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, c: Candidate) -> Candidate:
+        if c.key in self.tried:
+            return self.tried[c.key]
+        from vpexport.calibrate.runner import accuracy
+
+        res = self.runner.run(c.schedule, min_accuracy=self.dense_acc - self.tol)
+        c.samples, c.complete = len(res.scores), res.complete
+        c.accuracy = accuracy(res.scores) if res.complete else None
+        if res.complete:
+            c.drop = self.dense_acc - c.accuracy
+            c.passed = c.drop <= self.tol + 1e-9
+        else:
+            # an upper bound on the accuracy: every sample not evaluated counted as correct
+            total = len(self.runner.samples)
+            c.drop = self.dense_acc - (sum(res.scores) + total - len(res.scores)) / total
+            c.passed = False
+        self.tried[c.key] = c
+        return c
+
+    def neighbour(self, c: Candidate) -> Candidate | None:
+        """The next more generous keep (fine grid) at the last non-drop point: the confirmation run."""
+        s = c.schedule
+        pts = [(p.layer, p.keep) for p in s.points]
+        idx = max((i for i, p in enumerate(s.points) if p.rule != "drop_all"), default=None)
+        if idx is None:
+            return None
+        cap = self.N if idx == 0 else pts[idx - 1][1]
+        k = pts[idx][1]
+        up = min(cap, max(k + 1, round(k * FINE)))
+        if up == k:
+            return None
+        pts[idx] = (pts[idx][0], up)
+        return self.make(s.method, pts, s.sink_layers, stage="confirm")
+
+    def first_pass(self, cands: list[Candidate], bound: float | None, desc: str) -> Candidate | None:
+        from tqdm import tqdm
+
+        cands = sorted({c.key: c for c in cands}.values(), key=lambda c: (c.flops, c.schedule.method, c.key))
+        if bound is not None:
+            cands = [c for c in cands if c.flops < bound]
+        bar = tqdm(cands, desc=desc, unit="cand", disable=not self.progress, leave=False)
+        for c in bar:
+            c = self.evaluate(c)
+            if c.passed:
+                nb = self.neighbour(c)
+                if nb is not None and not self.evaluate(nb).passed:
+                    c.passed = False
+                    c.stage += " (unconfirmed)"
+                    continue
+                bar.close()
+                return c
+        bar.close()
+        return None
+
+    def run(self) -> Candidate | None:
+        dense = self.runner.dense()
+        from vpexport.calibrate.runner import accuracy
+
+        self.dense_acc = accuracy(dense.scores)
+        best = self.first_pass(self.coarse(), None, "calibrate coarse")
+        if best is None:
+            return None
+        better = self.first_pass(self.fine(best), best.flops, "calibrate fine")
+        return better or best
+
+    def candidates(self) -> list[dict]:
+        return [c.to_dict() for c in sorted(self.tried.values(), key=lambda c: (c.flops, c.key))]
+
+
+# ---------------------------------------------------------------------------- top level
+def _pipeline(recipe):
+    from vpexport.model.pipeline import TorchPipeline
+
+    return TorchPipeline.from_recipe(recipe, Schedule("none"))
+
+
+def run_analysis(recipe, out, samples: int, batch_size: int = 32):
+    """`vpexport analyze`: returns (analysis dict, destination folder)."""
+    from tqdm import tqdm
+
+    from vpexport.calibrate.analyze import analyze_runner, write_analysis
+    from vpexport.calibrate.runner import Runner
+    from vpexport.data import load_samples
+    from vpexport.paths import artifact_dir
+
+    set_threads()
+    data = load_samples(recipe.require_data("calib"), samples, field="task.data.calib")
+    pipe = _pipeline(recipe)
+    with tqdm(total=len(data), desc="encode", unit="sample", leave=False) as bar:
+        runner = Runner(pipe, data, recipe.task.type, batch_size, progress=bar)
+    tol = recipe.pruning.calibrate.tolerance if recipe.calibrating else 0.01
+    with tqdm(total=len(runner.batches) + runner.L, desc="analyze", leave=False) as bar:
+        a = analyze_runner(runner, bar, tolerance=tol)
+    a["recipe"] = recipe.name
+    return a, write_analysis(a, artifact_dir(recipe, out) / "analysis", recipe.name)
+
+
+def _eval_block(runner, schedule, dense_acc) -> dict:
+    from vpexport.calibrate.runner import accuracy
+
+    r = runner.run(schedule)
+    acc = accuracy(r.scores)
+    return {"accuracy": acc, "unpruned_accuracy": dense_acc, "accuracy_drop": dense_acc - acc, "samples": len(r.scores)}
+
+
+def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, analysis_samples: int | None = None) -> dict:
+    """Search on calib, measure on eval, write schedule.json (or schedule.rejected.json + CalibrationFailed)."""
+    from tqdm import tqdm
+
+    from vpexport.accounting import paper_flops, prefill_flops
+    from vpexport.calibrate.analyze import analyze_runner, write_analysis
+    from vpexport.calibrate.runner import Runner, accuracy
+    from vpexport.data import load_samples
+    from vpexport.paths import SCHEDULE_FILE, artifact_dir
+    from vpexport.recipe import auto_candidates
+
+    if not recipe.calibrating:
+        raise RecipeError(
+            "the recipe has no pruning.calibrate section",
+            field="pruning.calibrate",
+            fix="add calibrate: {tolerance: 0.01} (and remove points), or set method: auto",
+        )
+    set_threads()
+    t0 = time.perf_counter()
+    cfg = recipe.pruning.calibrate
+    method = recipe.pruning.method
+    methods = [m for m in auto_candidates() if m in SEARCH_METHODS] if method == "auto" else [method]
+    arch = recipe.resolve_arch()
+    layout = recipe.layout(arch)
+    calib = load_samples(recipe.require_data("calib"), cfg.max_samples, field="task.data.calib")
+    # fail early on a missing eval file, without reading it
+    eval_path = recipe.require_data("eval")
+    pipe = _pipeline(recipe)
+    task = recipe.task.type
+    dest = artifact_dir(recipe, out)
+    dest.mkdir(parents=True, exist_ok=True)
+
+    with tqdm(total=len(calib), desc="encode calib", unit="sample", leave=False, disable=not progress) as bar:
+        rc = Runner(pipe, calib, task, batch_size, progress=bar)
+    # analysis on the calibration cache seeds the search
+    t_an = time.perf_counter()
+    with tqdm(total=len(rc.batches) + rc.L, desc="analyze", leave=False, disable=not progress) as bar:
+        analysis = analyze_runner(rc, bar, tolerance=cfg.tolerance)
+    analysis["recipe"] = recipe.name
+    write_analysis(analysis, dest / "analysis", recipe.name)
+    t_an = time.perf_counter() - t_an
+
+    t_s = time.perf_counter()
+    search = Search(rc, arch, layout, methods, cfg.tolerance, cfg.seed, analysis["seeds"], progress)
+    best = search.run()
+    t_s = time.perf_counter() - t_s
+    calib_dense = search.dense_acc
+
+    def flops_of(s):
+        f = prefill_flops(arch, s, layout)
+        return {"ratio": f["ratio"], "dense": f["dense"], "pruned": f["pruned"],
+                "with_vision_ratio": f["with_vision"]["ratio"], "paper_ratio": paper_flops(arch, s, layout)["ratio"]}
+
+    calibration = {"samples": len(calib), "unpruned_accuracy": calib_dense, "tolerance": cfg.tolerance,
+                   "seed": cfg.seed, "methods": methods, "candidates_tried": len(search.tried),
+                   "seconds": {"analysis": round(t_an, 1), "search": round(t_s, 1)}, "seeds": analysis["seeds"]}
+    if best is None:
+        tried = sorted(search.tried.values(), key=lambda c: (c.drop if c.drop is not None else 1e9, c.flops))
+        rej = {"error": f"no candidate within tolerance {cfg.tolerance}", "calibration": calibration,
+               "best_candidates": [c.to_dict() for c in tried[:10]], "candidates": search.candidates()}
+        (dest / "schedule.rejected.json").write_text(json.dumps(rej, indent=2))
+        b = tried[0] if tried else None
+        raise CalibrationFailed(
+            f"no {'/'.join(methods)} schedule keeps the calibration accuracy drop within {cfg.tolerance:g} "
+            f"(best: drop {b.drop:.3f} at FLOPs ratio {b.flops:.3f}); candidates in {dest / 'schedule.rejected.json'}"
+            if b else f"no candidate could be built; see {dest / 'schedule.rejected.json'}",
+            field="pruning.calibrate.tolerance",
+            fix="raise the tolerance or add calibration samples",
+        )
+    calibration.update({"accuracy": best.accuracy, "accuracy_drop": best.drop})
+
+    # ---- only now: the eval split (never seen by the search)
+    rc.drop_caches()
+    t_e = time.perf_counter()
+    evals = load_samples(eval_path, None, field="task.data.eval")
+    with tqdm(total=len(evals), desc="encode eval", unit="sample", leave=False, disable=not progress) as bar:
+        re_ = Runner(pipe, evals, task, batch_size, progress=bar)
+    eval_dense = accuracy(re_.dense().scores)
+    chosen = best.schedule
+    ev = _eval_block(re_, chosen, eval_dense)
+    published = []
+    for m in list(SEARCH_METHODS) + list(BASELINES):
+        s = recipe.default_schedule(arch, m)
+        s = Schedule(s.method, s.points, s.sink_layers, cfg.seed, s.meta)
+        cal = rc.run(s)
+        published.append({
+            "method": m, "schedule": s.to_dict(), "flops": flops_of(s),
+            "calib": {"accuracy": accuracy(cal.scores), "unpruned_accuracy": calib_dense,
+                      "accuracy_drop": calib_dense - accuracy(cal.scores), "samples": len(cal.scores)},
+            "eval": _eval_block(re_, s, eval_dense),
+        })
+    t_e = time.perf_counter() - t_e
+    calibration["seconds"]["eval"] = round(t_e, 1)
+    calibration["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    result = {
+        "recipe": recipe.name,
+        "schedule": chosen.to_dict(),
+        "flops": flops_of(chosen),
+        "eval": ev,
+        "calibration": calibration,
+        "candidates": search.candidates(),
+        "published": published,
+    }
+    tmp = dest / f".{SCHEDULE_FILE}.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(dest / SCHEDULE_FILE)
+    (dest / "calibration.md").write_text(report_md(result, task))
+    result["dir"] = str(dest)
+    return result
+
+
+def _pts(s: dict) -> str:
+    pts = ", ".join(f"L{p['layer']}:{p['keep']}" for p in s["points"]) or "-"
+    return pts + (f"; sink<{s['sink_layers']}" if s.get("sink_layers") else "")
+
+
+def report_md(r: dict, task: str) -> str:
+    from vpexport.evaluation import MAIN_METRIC
+
+    c, e = r["calibration"], r["eval"]
+    metric = MAIN_METRIC[task]
+    lines = [
+        f"# Calibration: {r['recipe']}", "",
+        f"Objective: lowest exact prefill FLOPs ratio with a calibration accuracy drop <= {c['tolerance']:g} "
+        f"({metric}); methods searched: {', '.join(c['methods'])}; {c['candidates_tried']} candidates tried on "
+        f"{c['samples']} calibration samples (seed {c['seed']}). The eval split was used only after the search.", "",
+        f"**Chosen**: {r['schedule']['method']} [{_pts(r['schedule'])}], exact FLOPs ratio {r['flops']['ratio']:.3f} "
+        f"(paper convention {r['flops']['paper_ratio']:.3f}).", "",
+        f"Calibration: {c['accuracy']:.4f} vs unpruned {c['unpruned_accuracy']:.4f} (drop {c['accuracy_drop']:+.4f}).", "",
+        f"## Eval split ({e['samples']} samples, {metric})", "",
+        "| schedule | points | exact FLOPs ratio | eval accuracy | drop vs unpruned | calib accuracy |",
+        "|---|---|---|---|---|---|",
+        f"| unpruned | - | 1.000 | {e['unpruned_accuracy']:.4f} | 0 | {c['unpruned_accuracy']:.4f} |",
+        f"| **calibrated ({r['schedule']['method']})** | {_pts(r['schedule'])} | {r['flops']['ratio']:.3f} | "
+        f"{e['accuracy']:.4f} | {e['accuracy_drop']:+.4f} | {c['accuracy']:.4f} |",
+    ]
+    for p in r["published"]:
+        lines.append(f"| {p['method']} published default | {_pts(p['schedule'])} | {p['flops']['ratio']:.3f} | "
+                     f"{p['eval']['accuracy']:.4f} | {p['eval']['accuracy_drop']:+.4f} | {p['calib']['accuracy']:.4f} |")
+    lines += ["", "## Against FastV's and HiMAP's published defaults", ""]
+    for p in r["published"]:
+        if p["method"] not in ("fastv", "himap"):
+            continue
+        cheaper = r["flops"]["ratio"] <= p["flops"]["ratio"]
+        better = e["accuracy"] >= p["eval"]["accuracy"]
+        verdict = "dominates it (no more FLOPs, at least as accurate)" if cheaper and better else (
+            "uses fewer FLOPs but is less accurate" if cheaper else "is more accurate but uses more FLOPs" if better else "is worse")
+        lines.append(f"- {p['method']} default [{_pts(p['schedule'])}]: FLOPs {p['flops']['ratio']:.3f}, eval accuracy "
+                     f"{p['eval']['accuracy']:.4f}; the calibrated schedule ({r['flops']['ratio']:.3f}, {e['accuracy']:.4f}) {verdict}.")
+    lines += ["", f"Time: analysis {c['seconds']['analysis']} s, search {c['seconds']['search']} s, "
+              f"eval {c['seconds']['eval']} s (total {c['seconds']['total']} s).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""`vpexport calibrate RECIPE`: search prune layers and keep budgets on the calibration split."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("calibrate")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path())
+@click.option("--out", type=click.Path(), default=None, help="Artifact folder (default artifacts/<recipe name>).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def calibrate(recipe_path, out, batch_size, as_json):
+    """Lowest-FLOPs schedule within the recipe's accuracy tolerance (method auto: fastv, himap, visipruner).
+
+    Writes <artifact dir>/schedule.json and calibration.md (exit 6 and schedule.rejected.json when
+    no candidate is within tolerance)."""
+    from vpexport.calibrate.search import calibrate as run
+    from vpexport.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    r = run(recipe, out, batch_size, progress=True)
+    if as_json:
+        keys = ("recipe", "schedule", "flops", "eval", "calibration", "published", "dir")
+        click.echo(json.dumps({k: r[k] for k in keys}, indent=2))
+        return
+    s, e = r["schedule"], r["eval"]
+    pts = ", ".join(f"layer {p['layer']} keep {p['keep']} ({p['rule']})" for p in s["points"])
+    click.echo(f"{r['recipe']}: {s['method']} [{pts}]" + (f" sink_layers {s['sink_layers']}" if s["sink_layers"] else ""))
+    click.echo(f"  prefill FLOPs ratio {r['flops']['ratio']:.3f}; eval accuracy {e['accuracy']:.4f} vs unpruned "
+               f"{e['unpruned_accuracy']:.4f} (drop {e['accuracy_drop']:+.4f}, {e['samples']} samples)")
+    for p in r["published"]:
+        if p["method"] in ("fastv", "himap"):
+            click.echo(f"  {p['method']} default: FLOPs {p['flops']['ratio']:.3f}, eval accuracy {p['eval']['accuracy']:.4f}")
+    click.echo(f"  -> {r['dir']}/schedule.json ({r['calibration']['seconds']['total']} s)")
