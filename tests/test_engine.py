@@ -447,6 +447,39 @@ def test_profile_axis_without_symbol_uses_its_role_and_unknown_is_refused():
     assert compute_profile("vision", {"pixel_values": [2, 3, 4, 4]}, s) == {}  # static inputs need no profile
 
 
+@pytest.mark.parametrize("mode", ["padded", "dynamic"])
+def test_profiles_of_a_real_export_cover_what_the_runtime_feeds(tmp_path, mode, monkeypatch):
+    """A real (tiny) `vpexport export`, then the ONNX Runtime generation loop: every shape it feeds
+    each graph is inside the profile computed for that graph (guards the exporter's axis names)."""
+    from tests.test_export import build_checkpoint, export_py, make_eval, write_recipe
+    from vpexport.data import load_samples
+    from vpexport.engine.build import prepare
+    from vpexport.runtime import ArtifactRuntime
+    from vpexport.runtime.session import Graphs
+
+    ckpt, ev = build_checkpoint(tmp_path / "ckpt"), make_eval(tmp_path / "eval")
+    art = tmp_path / "art"
+    export_py(write_recipe(tmp_path / "r.yaml", ckpt, "himap", ev, mode=mode, text_max=16), art)
+    plan = prepare(art)
+    seen = []
+    orig = Graphs.run
+
+    def spy(self, name, feeds):
+        seen.append((name, {k: v.shape for k, v in feeds.items()}))
+        return orig(self, name, feeds)
+
+    monkeypatch.setattr(Graphs, "run", spy)
+    rt = ArtifactRuntime.open(art, provider="cpu")
+    samples = load_samples(ev)
+    for b in (1, 3):
+        rt.answer([x.image for x in samples[:b]], [x.question for x in samples[:b]], max_new_tokens=rt.max_new_tokens)
+    assert {n for n, _ in seen} == {"vision", "prefill", "decode"}
+    for name, shapes in seen:
+        assert check_within(plan.profiles[name], shapes, name) is None
+    assert set(plan.profiles["decode"]) >= {"text_mask", "past.0.key", "input_ids"}
+    assert ("input_ids" in plan.profiles["prefill"]) and (plan.profiles["prefill"]["input_ids"]["min"][1] < plan.profiles["prefill"]["input_ids"]["max"][1]) == (mode == "dynamic")
+
+
 # --------------------------------------------------------------------------- engines.json
 DOC = {
     "format": 1,
