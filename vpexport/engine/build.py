@@ -47,14 +47,14 @@ NEEDS = "vpexport engine needs an NVIDIA GPU with TensorRT >= 10"
 
 
 # --------------------------------------------------------------------------- runtime availability
-def import_tensorrt(what: str = NEEDS):
+def import_tensorrt(what: str = NEEDS, tail: str = "; nothing was written"):
     """The `tensorrt` module, or RuntimeUnavailable naming what was looked for and why it failed."""
     try:
         trt = importlib.import_module("tensorrt")
     except Exception as e:  # ImportError, or OSError from a broken install (missing libnvinfer)
         raise RuntimeUnavailable(
             f"{what}: looked for the Python module `tensorrt` and could not import it "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else '-'}); nothing was written",
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else '-'}){tail}",
             fix="on an NVIDIA GPU machine: pip install tensorrt (x86_64) or use JetPack's TensorRT (Jetson)",
         ) from None
     ver = getattr(trt, "__version__", "0")
@@ -64,20 +64,20 @@ def import_tensorrt(what: str = NEEDS):
         major = 0
     if major < MIN_TRT_MAJOR:
         raise RuntimeUnavailable(
-            f"{what}: found TensorRT {ver}, which is older than {MIN_TRT_MAJOR}.0; nothing was written",
+            f"{what}: found TensorRT {ver}, which is older than {MIN_TRT_MAJOR}.0{tail}",
             fix="install TensorRT 10 (JetPack 6.x on Jetson)",
         )
     return trt
 
 
-def require_gpu(what: str = NEEDS):
+def require_gpu(what: str = NEEDS, tail: str = "; nothing was written"):
     """A GpuProbe for device 0, or RuntimeUnavailable naming what was looked for."""
     from vpexport.engine.cuda import probe_gpu
 
     probe = probe_gpu()
     if not probe.ok:
         raise RuntimeUnavailable(
-            f"{what}: no usable CUDA device (looked via {' and '.join(probe.looked_for)}: {probe.reason}); nothing was written",
+            f"{what}: no usable CUDA device (looked via {' and '.join(probe.looked_for)}: {probe.reason}){tail}",
             fix="run on a machine with an NVIDIA GPU and driver (pip install cuda-python is optional)",
         )
     return probe
@@ -85,8 +85,8 @@ def require_gpu(what: str = NEEDS):
 
 def current_environment(trt=None, probe=None) -> dict:
     """{"tensorrt": version, "gpu": {name, compute_capability, total_memory, count}} of this machine."""
-    trt = trt or import_tensorrt("TensorRT plans need TensorRT")
-    probe = probe or require_gpu("TensorRT plans need an NVIDIA GPU")
+    trt = trt or import_tensorrt("TensorRT plans need TensorRT", tail="")
+    probe = probe or require_gpu("TensorRT plans need an NVIDIA GPU", tail="")
     return {"tensorrt": str(trt.__version__), "gpu": probe.to_dict()}
 
 

@@ -58,7 +58,7 @@ def load_tensorrt():
     """Import tensorrt lazily (RuntimeUnavailable with what was looked for)."""
     from vpexport.engine.build import import_tensorrt
 
-    return import_tensorrt(NEEDS)
+    return import_tensorrt(NEEDS, tail="")
 
 
 class TrtSession:
@@ -210,7 +210,7 @@ class TrtGraphs:
             raise ArtifactError(f"{art} has no engine section in its manifest", field="artifacts",
                                 fix="run `vpexport engine ARTIFACT_DIR` on this machine")
         trt = load_tensorrt()
-        env = current_environment(trt, require_gpu(NEEDS))
+        env = current_environment(trt, require_gpu(NEEDS, tail=""))
         for w in check_plan_compatible(section, env, where=str(art / "engines")):
             (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(w)
         plans = section.get("plans") or {n: f"engines/{n}.plan" for n in self.NAMES}
