@@ -246,6 +246,14 @@ class Search:
 
 
 # ---------------------------------------------------------------------------- top level
+def check_images(samples, field: str) -> None:
+    """Fail with a one-line UserInputError on the first unreadable image, before any model is loaded."""
+    from vpexport.model.loading import load_image
+
+    for smp in samples:
+        load_image(smp.image, field=field)
+
+
 def _pipeline(recipe):
     from vpexport.model.pipeline import TorchPipeline
 
@@ -263,6 +271,7 @@ def run_analysis(recipe, out, samples: int, batch_size: int = 32):
 
     set_threads()
     data = load_samples(recipe.require_data("calib"), samples, field="task.data.calib")
+    check_images(data, "task.data.calib")
     pipe = _pipeline(recipe)
     with tqdm(total=len(data), desc="encode", unit="sample", leave=False) as bar:
         runner = Runner(pipe, data, recipe.task.type, batch_size, progress=bar)
@@ -308,6 +317,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     calib = load_samples(recipe.require_data("calib"), cfg.max_samples, field="task.data.calib")
     # fail early on a missing eval file, without reading it
     eval_path = recipe.require_data("eval")
+    check_images(calib, "task.data.calib")
     pipe = _pipeline(recipe)
     task = recipe.task.type
     dest = artifact_dir(recipe, out)

@@ -1,0 +1,233 @@
+"""calibrate: the search logic (lowest FLOPs within tolerance, determinism), the eval split never
+seen by the search (data-loading spy), and failure modes through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vpexport.calibrate.runner import RunResult
+from vpexport.calibrate.search import Search, geometric
+from vpexport.pruning.schedule import Schedule
+
+PROMPT = "SYSTEM: read the digits. USER: <image>\\n{question} ASSISTANT:"
+
+
+def write_recipe(root: Path, model: Path, data: Path, tolerance: float = 0.05, max_samples: int = 6, name="mini_t") -> Path:
+    r = root / f"{name}.yaml"
+    r.write_text(
+        f"name: {name}\nmodel: {{path: {model}}}\n"
+        f"task:\n  type: vqa\n  data: {{calib: {data}/vqa/calib.jsonl, eval: {data}/vqa/eval.jsonl}}\n"
+        f'  prompt: "{PROMPT}"\n  max_new_tokens: 3\n'
+        f"pruning:\n  method: auto\n  calibrate: {{tolerance: {tolerance}, max_samples: {max_samples}}}\n"
+        "export:\n  text_length: {max: 24}\n"
+    )
+    return r
+
+
+@pytest.fixture(scope="session")
+def mini_setup(tmp_path_factory):
+    """An untrained mini LLaVA (8 layers, 144 visual tokens) and 6 + 6 digit-grid samples."""
+    from vpexport.testbed.data import generate
+    from vpexport.testbed.model import PROMPT_TEMPLATE, build_mini, save_checkpoint
+
+    root = tmp_path_factory.mktemp("mini")
+    m, _, p = build_mini(0)
+    save_checkpoint(root / "model", m, p, {"template": PROMPT_TEMPLATE})
+    generate(root / "data", n_calib=6, n_eval=6)
+    return root
+
+
+@pytest.fixture
+def mini_recipe(mini_setup, tmp_path):
+    return write_recipe(tmp_path, mini_setup / "model", mini_setup / "data")
+
+
+def cli(argv):
+    from vpexport.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
+# ---------------------------------------------------------------------------- search logic (fake runner)
+class FakeRunner:
+    """Accuracy is a deterministic function of the schedule: a sample is right iff the visual
+    tokens kept by layer 4 exceed its threshold (so more tokens / later points are better)."""
+
+    def __init__(self, n=20):
+        self.samples = list(range(n))
+        self.thresholds = [2 * i for i in range(n)]
+        self.runs = []
+
+    def _tokens(self, s: Schedule) -> int:
+        return s.visual_per_layer(8, 144)[4] + (5 if s.points and s.points[0].layer >= 3 else 0)
+
+    def dense(self):
+        return RunResult([1.0] * len(self.samples), ["x"] * len(self.samples))
+
+    def run(self, schedule, min_accuracy=None, **kw):
+        self.runs.append(schedule)
+        t = self._tokens(schedule)
+        scores = [1.0 if t > th else 0.0 for th in self.thresholds]
+        return RunResult(scores, ["x"] * len(scores))
+
+
+@pytest.fixture(scope="module")
+def arch_layout():
+    from vpexport.arch.layout import PromptLayout
+
+    return _mini_arch(), PromptLayout(prefix=9, visual=144, text=7)
+
+
+def _mini_arch():
+    import json as _j
+    import tempfile
+
+    from vpexport.arch.spec import ArchSpec
+    from vpexport.testbed.model import mini_config
+    from vpexport.testbed.tokenizer import build_tokenizer
+
+    d = Path(tempfile.mkdtemp())
+    (d / "config.json").write_text(_j.dumps(mini_config(build_tokenizer()).to_dict()))
+    return ArchSpec.from_dir(d)
+
+
+def test_geometric_grid():
+    assert geometric(144, 2) == [72, 36, 18, 9, 4, 2, 1]
+    g = geometric(144, 2 ** 0.25)
+    assert g[0] == 121 and g[-1] == 1 and g == sorted(set(g), reverse=True)
+
+
+def test_search_picks_lowest_flops_within_tolerance(arch_layout):
+    arch, layout = arch_layout
+    fr = FakeRunner()
+    tol = 0.1  # 2 of 20 samples may flip
+    s = Search(fr, arch, layout, ["fastv", "himap"], tol, progress=False)
+    best = s.run()
+    assert best is not None and best.passed
+    # brute force over every coarse and fine candidate of the same spaces: none cheaper passes
+    s.dense_acc = 1.0
+    pool = s.coarse() + s.fine(best)
+    for c in pool:
+        acc = sum(fr.run(c.schedule).scores) / 20
+        if 1.0 - acc <= tol:
+            assert c.flops >= best.flops - 1e-12, (c.schedule, best.schedule)
+    # every candidate evaluated during the search is recorded, cheapest first, with its FLOPs
+    cands = s.candidates()
+    assert all("flops_ratio" in c and "calib_accuracy" in c for c in cands)
+    assert [c["flops_ratio"] for c in cands] == sorted(c["flops_ratio"] for c in cands)
+
+
+def test_search_is_deterministic(arch_layout):
+    arch, layout = arch_layout
+    out = []
+    for _ in range(2):
+        s = Search(FakeRunner(), arch, layout, ["fastv", "himap", "visipruner"], 0.1, seed=3, progress=False)
+        b = s.run()
+        out.append((b.schedule.to_dict(), s.candidates()))
+    assert out[0] == out[1]
+
+
+def test_search_fails_cleanly_when_nothing_passes(arch_layout):
+    arch, layout = arch_layout
+
+    class Hopeless(FakeRunner):
+        def run(self, schedule, min_accuracy=None, **kw):
+            return RunResult([0.0] * len(self.samples), ["x"] * len(self.samples))
+
+    assert Search(Hopeless(), arch, layout, ["fastv"], 0.0, progress=False).run() is None
+
+
+# ---------------------------------------------------------------------------- real model: eval split isolation
+def test_eval_split_never_touched_by_search(mini_recipe, monkeypatch, tmp_path):
+    import vpexport.calibrate.search as S
+    import vpexport.data as data_mod
+    import vpexport.model.loading as loading
+
+    events = []
+    real_load, real_img, real_run = data_mod.load_samples, loading.load_image, S.Search.run
+
+    def spy_load(path, *a, **k):
+        events.append(("samples", Path(path).name))
+        return real_load(path, *a, **k)
+
+    def spy_img(path, *a, **k):
+        events.append(("image", Path(path).parent.name))
+        return real_img(path, *a, **k)
+
+    def spy_run(self):
+        events.append(("search", "start"))
+        r = real_run(self)
+        events.append(("search", "end"))
+        return r
+
+    monkeypatch.setattr(data_mod, "load_samples", spy_load)
+    monkeypatch.setattr(loading, "load_image", spy_img)
+    monkeypatch.setattr(S.Search, "run", spy_run)
+    out = tmp_path / "art"
+    assert cli(["calibrate", str(mini_recipe), "--out", str(out), "--json"]) == 0
+    end = events.index(("search", "end"))
+    assert ("samples", "eval.jsonl") not in events[:end]
+    assert ("image", "eval") not in events[:end]
+    assert ("samples", "eval.jsonl") in events[end:]
+    r = json.loads((out / "schedule.json").read_text())
+    assert {"schedule", "flops", "eval", "calibration", "candidates", "published"} <= set(r)
+    assert {"accuracy", "unpruned_accuracy", "accuracy_drop", "samples"} <= set(r["eval"])
+    assert {p["method"] for p in r["published"]} >= {"fastv", "himap", "visipruner"}
+    assert all("calib" in p and "eval" in p and "flops" in p for p in r["published"])
+    Schedule.from_dict(r["schedule"]).check(8, 144)
+    assert (out / "calibration.md").is_file() and (out / "analysis" / "analysis.json").is_file()
+
+
+# ---------------------------------------------------------------------------- failure modes through the CLI
+def test_empty_data_is_a_one_line_error(mini_setup, tmp_path, capsys):
+    (tmp_path / "vqa").mkdir()
+    (tmp_path / "vqa" / "calib.jsonl").write_text("\n")
+    (tmp_path / "vqa" / "eval.jsonl").write_text("\n")
+    r = write_recipe(tmp_path, mini_setup / "model", tmp_path)
+    assert cli(["calibrate", str(r), "--out", str(tmp_path / "a")]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "no samples" in err[0]
+    assert cli(["analyze", str(r), "--out", str(tmp_path / "a")]) == 2
+
+
+def test_unreadable_image_is_a_one_line_error(mini_setup, tmp_path, capsys):
+    (tmp_path / "vqa").mkdir()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    line = json.dumps({"image": str(bad), "question": "is there a 7 ?", "answer": "no"})
+    for split in ("calib", "eval"):
+        (tmp_path / "vqa" / f"{split}.jsonl").write_text(line + "\n")
+    r = write_recipe(tmp_path, mini_setup / "model", tmp_path)
+    assert cli(["calibrate", str(r), "--out", str(tmp_path / "a")]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "not a readable image" in err[0]
+
+
+def test_impossible_tolerance_exits_6_with_rejected_file(mini_recipe, tmp_path, monkeypatch, capsys):
+    from vpexport.calibrate import runner as R
+
+    real = R.Runner.run
+
+    def pruned_always_wrong(self, schedule, min_accuracy=None, keep_logits=False, pl=None):
+        res = real(self, schedule, min_accuracy, keep_logits, pl)
+        if schedule.points or (pl is not None and pl.points):
+            res.scores = [0.0] * len(res.scores)
+        else:
+            res.scores = [1.0] * len(res.scores)
+        return res
+
+    monkeypatch.setattr(R.Runner, "run", pruned_always_wrong)
+    out = tmp_path / "art"
+    assert cli(["calibrate", str(mini_recipe), "--out", str(out)]) == 6
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "tolerance" in err[0]
+    assert not (out / "schedule.json").exists()
+    rej = json.loads((out / "schedule.rejected.json").read_text())
+    assert rej["best_candidates"] and all(c["within_tolerance"] is False for c in rej["best_candidates"])
