@@ -372,7 +372,7 @@ def plot_all(a: dict, out: Path) -> list[str]:
     ax2.set_ylabel("KL(dense || blocked), nats")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=9)
+    ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9)
     save(f, ax, "causal.png", legend=False)
     return files
 
