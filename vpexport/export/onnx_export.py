@@ -58,7 +58,7 @@ def _wrappers(pm):
         def forward(self, input_ids, attention_mask, image_features):
             out = self.pm.prefill(input_ids, attention_mask, image_features)
             flat = [t for kv in out.kv for t in kv]
-            return (out.logits, *flat, *out.kept)
+            return (out.logits, *flat, *kept_tensors(self.pm.schedule, out.kept))
 
     class Decode(nn.Module):
         def __init__(self):
@@ -76,6 +76,11 @@ def _wrappers(pm):
 
 def kept_points(schedule) -> list:
     return [p for p in schedule.points if p.rule != "drop_all"]
+
+
+def kept_tensors(schedule, kept: list) -> list:
+    """PrunedLlava's kept list (one entry per point, empty for drop_all) -> the graph's kept.{j} outputs."""
+    return [k for k, p in zip(kept, schedule.points) if p.rule != "drop_all"]
 
 
 def io_names(num_layers: int, schedule) -> dict:
@@ -108,11 +113,95 @@ def synthetic_inputs(pm, text_len: int, vocab: int, pad_id: int, batch: int = 2,
 
 
 # --------------------------------------------------------------------------- ONNX helpers
-def _finalize_onnx(raw: Path, dest: Path) -> None:
-    """Re-save `raw` as `dest` (external data when over 2 GB), then check it fully."""
+def io_spec(names: list[str], tensors, dynamic_axes: dict) -> dict:
+    """{name: dims} from the traced example tensors; the dynamic axes get their symbolic names."""
+    spec = {}
+    for name, t in zip(names, tensors):
+        dims = list(t.shape)
+        for ax, sym in dynamic_axes.get(name, {}).items():
+            dims[ax] = sym
+        spec[name] = dims
+    return spec
+
+
+def _set_io_shapes(model, spec: dict) -> None:
+    """Declare every graph input/output with its static sizes and named dynamic axes (the exporter
+    leaves some static sizes, e.g. the visual count after a slice, as anonymous symbols)."""
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name not in spec:
+            continue
+        shape = vi.type.tensor_type.shape
+        while len(shape.dim):
+            shape.dim.pop()
+        for d in spec[vi.name]:
+            nd = shape.dim.add()
+            if isinstance(d, str):
+                nd.dim_param = d
+            else:
+                nd.dim_value = int(d)
+
+
+def _constant_topk_k(model, light) -> int:
+    """The exporter writes `sort()` as TopK(X, k=Gather(Shape(X), axis)); TensorRT wants a constant k.
+    Where X's size along that axis is static (always, for a prune point's keep), make k an initializer.
+    `light` is the same graph without external weights, for shape inference. Returns the count folded."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(light)
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    prod = {o: n for n in model.graph.node for o in n.output}
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    folded = 0
+    for node in model.graph.node:
+        if node.op_type != "TopK" or node.input[1] in consts:
+            continue
+        g = prod.get(node.input[1])
+        if g is None or g.op_type != "Gather" or g.input[1] not in consts:
+            continue
+        sh = prod.get(g.input[0])
+        if sh is None or sh.op_type != "Shape" or sh.input[0] != node.input[0] or len(sh.attribute):
+            continue
+        axis = consts[g.input[1]].reshape(-1)
+        if axis.size != 1:
+            continue
+        d = None
+        src = prod.get(node.input[0])
+        topk_axis = {a.name: a.i for a in node.attribute}.get("axis", -1)
+        if src is not None and src.op_type == "TopK" and src.input[1] in consts:
+            # sort of TopK indices: X's size along the (last) axis is the first TopK's constant k
+            src_axis = {a.name: a.i for a in src.attribute}.get("axis", -1)
+            if src_axis == topk_axis == int(axis[0]) == -1:
+                d = int(consts[src.input[1]].reshape(-1)[0])
+        if d is None:
+            dims = shapes.get(node.input[0])
+            d = dims[int(axis[0])] if dims else None
+        if not d:
+            continue
+        name = f"{node.name or 'topk'}_k_const"
+        model.graph.initializer.append(numpy_helper.from_array(np.array([d], dtype=np.int64).reshape(consts[g.input[1]].shape or (1,)), name))
+        node.input[1] = name
+        folded += 1
+    return folded
+
+
+def _finalize_onnx(raw: Path, dest: Path, spec: dict | None = None) -> None:
+    """Re-save `raw` as `dest` (external data when over 2 GB) with declared I/O shapes and constant
+    TopK k, then check it fully (checker + strict shape inference)."""
     import onnx
 
+    light = onnx.load(str(raw), load_external_data=False)
     model = onnx.load(str(raw), load_external_data=True)
+    if spec:
+        _set_io_shapes(model, spec)
+    _constant_topk_k(model, light)
+    del light
     big = model.ByteSize() > TWO_GB if _fits_proto(raw) else True
     dest.parent.mkdir(parents=True, exist_ok=True)
     if big:
@@ -274,16 +363,18 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
         px = torch.randn(2, 3, vc.image_size, vc.image_size)
         raw = raw_dir / "vision" / "model.onnx"
         raw.parent.mkdir(parents=True)
-        _export_one(vision, (px,), raw, names["vision"], {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}}, ex.opset)
-        _finalize_onnx(raw, onnx_dir / "vision.onnx")
+        dyn = {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}}
+        _export_one(vision, (px,), raw, names["vision"], dyn, ex.opset)
+        with torch.no_grad():
+            feats = pm.encode_image(px)
+        spec = io_spec(names["vision"]["inputs"] + names["vision"]["outputs"], [px, feats], dyn)
+        _finalize_onnx(raw, onnx_dir / "vision.onnx", spec)
         _log(log, f"[export]   done in {time.perf_counter() - t0:.1f} s")
 
         # ---- prefill
         t0 = time.perf_counter()
         trace_T = T if not dynamic_text else min(T, 8)
         ids, mask = synthetic_inputs(pm, trace_T, vocab, pad_id)
-        with torch.no_grad():
-            feats = pm.encode_image(px)
         text_ax = {0: "batch", 1: "sequence"} if dynamic_text else {0: "batch"}
         dyn = {"input_ids": text_ax, "attention_mask": text_ax, "image_features": {0: "batch"}, "logits": {0: "batch"}}
         for i in range(L):
@@ -296,7 +387,10 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
         raw = raw_dir / "prefill" / "model.onnx"
         raw.parent.mkdir(parents=True)
         _export_one(prefill, (ids, mask, feats), raw, names["prefill"], dyn, ex.opset)
-        _finalize_onnx(raw, onnx_dir / "prefill.onnx")
+        with torch.no_grad():
+            pouts = prefill(ids, mask, feats)
+        spec = io_spec(names["prefill"]["inputs"] + names["prefill"]["outputs"], [ids, mask, feats, *pouts], dyn)
+        _finalize_onnx(raw, onnx_dir / "prefill.onnx", spec)
         _log(log, f"[export]   done in {time.perf_counter() - t0:.1f} s")
 
         # ---- decode (one step after the traced prefill)
@@ -318,7 +412,10 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
         raw = raw_dir / "decode" / "model.onnx"
         raw.parent.mkdir(parents=True)
         _export_one(decode, (step_ids, pos, text_mask, *past), raw, names["decode"], dyn, ex.opset)
-        _finalize_onnx(raw, onnx_dir / "decode.onnx")
+        with torch.no_grad():
+            douts = decode(step_ids, pos, text_mask, *past)
+        spec = io_spec(names["decode"]["inputs"] + names["decode"]["outputs"], [step_ids, pos, text_mask, *past, *douts], dyn)
+        _finalize_onnx(raw, onnx_dir / "decode.onnx", spec)
         _log(log, f"[export]   done in {time.perf_counter() - t0:.1f} s")
         shutil.rmtree(raw_dir)
 

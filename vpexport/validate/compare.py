@@ -78,6 +78,7 @@ def validate_artifacts(
     import torch
 
     from vpexport.data import load_samples
+    from vpexport.export.onnx_export import kept_tensors
     from vpexport.evaluation import MAIN_METRIC, score
     from vpexport.manifest import read_manifest, update_manifest
     from vpexport.model.loading import load_image, load_llava
@@ -145,11 +146,12 @@ def validate_artifacts(
         for i in range(L):
             for j, w_ in enumerate(("key", "value")):
                 stat(f"prefill.present.{i}.{w_}").add(po.kv[i][j], ref.kv[i][j].numpy())
-        for j, (a, b) in enumerate(zip(po.kept, ref.kept)):
+        ref_kept = kept_tensors(schedule, ref.kept)
+        for j, (a, b) in enumerate(zip(po.kept, ref_kept)):
             rows = int((a != b.numpy()).any(-1).sum()) if a.shape == tuple(b.shape) else len(chunk)
             kept_bad[f"kept.{j}"] = kept_bad.get(f"kept.{j}", 0) + rows
-        if len(po.kept) != len(ref.kept):
-            kept_bad["count"] = abs(len(po.kept) - len(ref.kept))
+        if len(po.kept) != len(ref_kept):
+            kept_bad["count"] = abs(len(po.kept) - len(ref_kept))
         # decode: one step from PyTorch's prefill state
         b = ids.shape[0]
         nxt = ref.logits.argmax(-1)[:, None]

@@ -1,0 +1,362 @@
+"""ONNX export of the rewritten model: ORT outputs vs PyTorch (logits, KV, kept), decode, I/O, manifest.
+
+Also the shared helpers (tiny testbed checkpoint, temp recipe, eval split) of test_runtime / test_validate.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = "SYSTEM: read the digits. USER: <image>\n{question} ASSISTANT:"
+QUESTIONS = ["what digit is at a b ?", "how many digits are there ?", "read the digits", "is there a 3 ?",
+             "where is the 7 ?", "describe this image"]
+# 8 decoder layers, 144 visual tokens (96 px / patch 8).
+POINTS = {
+    "fastv": ("[{layer: 2, keep: 72}]", 0),
+    "himap": ("[{layer: 2, keep: 72}, {layer: 5, keep: 18}]", 0),
+    "visipruner": ("[{layer: 3, keep: 10}, {layer: 6, keep: 0}]", 2),
+}
+
+
+# --------------------------------------------------------------------------- helpers (shared)
+def build_checkpoint(path: Path) -> Path:
+    """The testbed's mini LLaVA (untrained) with a wider init so attention, hence TopK, is clear-cut."""
+    from vpexport.testbed.model import build_mini, save_checkpoint
+
+    model, _, proc = build_mini(0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if prm.dim() == 2 and "embed" not in name:
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.08)
+    save_checkpoint(path, model, proc, {"template": TEMPLATE})
+    return path
+
+
+def make_eval(path: Path, n: int = 6, seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        h, w = rng.randint(70, 150, 2)
+        Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)).save(path / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "question": QUESTIONS[i % len(QUESTIONS)], "answer": "yes"})
+    f = path / "eval.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f
+
+
+def write_recipe(path: Path, ckpt: Path, method: str, eval_file: Path | None = None, mode: str = "padded",
+                 text_max: int = 16, precision: str = "fp32", samples: int = 6) -> Path:
+    pts, sink = POINTS[method]
+    data = f"\n  data: {{eval: {eval_file}}}" if eval_file else ""
+    sink_line = f"\n  sink_layers: {sink}" if sink else ""
+    path.write_text(f"""name: {path.stem}
+model: {{path: {ckpt}, dtype: float32}}
+task:
+  type: vqa{data}
+  prompt: {json.dumps(TEMPLATE)}
+  max_new_tokens: 5
+pruning:
+  method: {method}
+  points: {pts}{sink_line}
+export:
+  precision: {precision}
+  text_length: {{mode: {mode}, max: {text_max}}}
+validate:
+  samples: {samples}
+""")
+    return path
+
+
+def cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "vpexport", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def export_py(recipe_path: Path, out: Path) -> dict:
+    from vpexport.export.onnx_export import export_artifacts
+    from vpexport.recipe import load_recipe
+
+    r = load_recipe(recipe_path)
+    return export_artifacts(r, out, r.schedule(), log=None)
+
+
+def torch_pruned(ckpt: Path, recipe_path: Path):
+    from vpexport.model.pipeline import TorchPipeline
+    from vpexport.recipe import load_recipe
+
+    r = load_recipe(recipe_path)
+    return TorchPipeline.from_recipe(r, r.schedule())
+
+
+def ort(path: Path):
+    import onnxruntime as rt
+
+    o = rt.SessionOptions()
+    o.intra_op_num_threads = 1
+    return rt.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def batch_inputs(pipe, text_lens=(7, 3, 5), text_max=16, seed=0):
+    """Right-padded ids (padded to text_max) with the image span at [prefix, prefix+N), random pixels."""
+    pm = pipe.pruned
+    g = torch.Generator().manual_seed(seed)
+    p, n = pm.prefix, pm.visual_tokens
+    b = len(text_lens)
+    ids, _, _ = pipe.encode([_img(0)] * 1, ["read the digits"])
+    head = ids[0, :p]
+    out = torch.zeros(b, p + n + text_max, dtype=torch.long)
+    mask = torch.zeros_like(out)
+    for j, t in enumerate(text_lens):
+        out[j, :p] = head
+        out[j, p : p + n] = pm.image_token_id
+        out[j, p + n : p + n + t] = torch.randint(5, 40, (t,), generator=g)
+        mask[j, : p + n + t] = 1
+    px = torch.randn(b, 3, 96, 96, generator=g)
+    return out, mask, px
+
+
+def _img(seed):
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (96, 96, 3), dtype=np.uint8))
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "mini")
+
+
+@pytest.fixture(scope="module")
+def exported(ckpt, tmp_path_factory):
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            d = tmp_path_factory.mktemp(f"exp-{method}")
+            rp = write_recipe(d / f"{method}.yaml", ckpt, method)
+            export_py(rp, d / "art")
+            cache[method] = (rp, d / "art", torch_pruned(ckpt, rp))
+        return cache[method]
+
+    return get
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("method", list(POINTS))
+def test_prefill_matches_torch(exported, method):
+    rp, art, pipe = exported(method)
+    pm = pipe.pruned
+    ids, mask, px = batch_inputs(pipe)
+    with torch.no_grad():
+        feats = pm.encode_image(px)
+        ref = pm.prefill(ids, mask, feats)
+    vis = ort(art / "onnx" / "vision.onnx").run(None, {"pixel_values": px.numpy()})[0]
+    assert np.abs(vis - feats.numpy()).max() < 1e-4
+    sess = ort(art / "onnx" / "prefill.onnx")
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                          "image_features": feats.numpy()})))
+    assert np.abs(out["logits"] - ref.logits.numpy()).max() < 1e-4
+    for i, (k, v) in enumerate(ref.kv):
+        assert out[f"present.{i}.key"].shape == tuple(k.shape)
+        assert np.abs(out[f"present.{i}.key"] - k.numpy()).max() < 1e-4
+        assert np.abs(out[f"present.{i}.value"] - v.numpy()).max() < 1e-4
+    kept = [n for n in names if n.startswith("kept.")]
+    ref_kept = [k for k, pt in zip(ref.kept, pm.schedule.points) if pt.rule != "drop_all"]
+    assert len(names) == 1 + 2 * pm.num_layers + len(kept)
+    assert len(kept) == len(ref_kept) == {"fastv": 1, "himap": 2, "visipruner": 1}[method]
+    for j, k in enumerate(ref_kept):
+        assert out[f"kept.{j}"].dtype == np.int64
+        np.testing.assert_array_equal(out[f"kept.{j}"], k.numpy())
+    # the three rows of the batch chose different tokens (the graph does not broadcast one choice)
+    assert not np.array_equal(out["kept.0"][0], out["kept.0"][1])
+
+
+@pytest.mark.parametrize("method", list(POINTS))
+def test_decode_step_matches_torch(exported, method):
+    rp, art, pipe = exported(method)
+    pm = pipe.pruned
+    ids, mask, px = batch_inputs(pipe, seed=1)
+    p, n = pm.prefix, pm.visual_tokens
+    with torch.no_grad():
+        ref = pm.prefill(ids, mask, pm.encode_image(px))
+        nxt = ref.logits.argmax(-1)[:, None]
+        pos = (p + n + ref.text_len)[:, None]
+        tm = torch.cat([mask[:, p + n :], torch.ones(3, 1, dtype=torch.long)], 1)
+        logits, kv = pm.decode(nxt, pos, tm, ref.kv)
+        nxt2 = logits.argmax(-1)[:, None]
+        tm2 = torch.cat([tm, torch.ones(3, 1, dtype=torch.long)], 1)
+        logits2, kv2 = pm.decode(nxt2, pos + 1, tm2, kv)
+    sess = ort(art / "onnx" / "decode.onnx")
+    names = [o.name for o in sess.get_outputs()]
+
+    def step(tok, position, text_mask, past):
+        feeds = {"input_ids": tok.numpy(), "position_ids": position.numpy(), "text_mask": text_mask.numpy()}
+        for i, (k, v) in enumerate(past):
+            feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = np.asarray(k), np.asarray(v)
+        o = dict(zip(names, sess.run(None, feeds)))
+        return o["logits"], [(o[f"present.{i}.key"], o[f"present.{i}.value"]) for i in range(pm.num_layers)]
+
+    ol, okv = step(nxt, pos, tm, [(k.numpy(), v.numpy()) for k, v in ref.kv])
+    assert np.abs(ol - logits.numpy()).max() < 1e-4
+    for (a, b), (c, d) in zip(okv, kv):
+        assert a.shape == tuple(c.shape) and np.abs(a - c.numpy()).max() < 1e-4 and np.abs(b - d.numpy()).max() < 1e-4
+    # a second step on ORT's own caches (the dynamic past length)
+    ol2, _ = step(nxt2, pos + 1, tm2, okv)
+    assert np.abs(ol2 - logits2.numpy()).max() < 1e-4
+
+
+def test_graph_io_and_static_shapes(exported):
+    import onnx
+
+    rp, art, pipe = exported("himap")
+    pm = pipe.pruned
+    p, n, T = pm.prefix, pm.visual_tokens, 16
+    man = json.loads((art / "manifest.json").read_text())
+    g = man["export"]["graphs"]
+    assert [i["name"] for i in g["vision"]["inputs"]] == ["pixel_values"]
+    assert g["vision"]["outputs"][0]["shape"] == ["batch", n, 128]
+    assert [i["name"] for i in g["prefill"]["inputs"]] == ["input_ids", "attention_mask", "image_features"]
+    assert g["prefill"]["inputs"][0]["shape"] == ["batch", p + n + T]
+    outs = {o["name"]: o["shape"] for o in g["prefill"]["outputs"]}
+    assert outs["logits"][0] == "batch"
+    for i, vis in enumerate(pm.visual_per_layer):
+        assert outs[f"present.{i}.key"] == ["batch", 4, p + vis + T, 32]
+    assert pm.visual_per_layer == [144, 144, 72, 72, 72, 18, 18, 18]
+    assert outs["kept.0"] == ["batch", 72] and outs["kept.1"] == ["batch", 18]
+    dec = [i["name"] for i in g["decode"]["inputs"]]
+    assert dec[:3] == ["input_ids", "position_ids", "text_mask"] and dec[3:5] == ["past.0.key", "past.0.value"]
+    assert len(dec) == 3 + 2 * 8
+    # TopK with a constant k lives inside the prefill graph (selection + the sort back into order)
+    from onnx import numpy_helper
+
+    m = onnx.load(str(art / "onnx" / "prefill.onnx"))
+    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    for node in m.graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    ks = sorted(int(consts[nd.input[1]].reshape(-1)[0]) for nd in m.graph.node if nd.op_type == "TopK")
+    assert ks == [18, 18, 72, 72]
+    assert not any(node.op_type == "NonZero" for node in m.graph.node)
+
+
+def test_manifest_assets_and_checker(exported):
+    import onnx
+
+    from vpexport.manifest import read_manifest, sha256_file
+
+    rp, art, pipe = exported("visipruner")
+    man = read_manifest(art)
+    for f in ["onnx/vision.onnx", "onnx/prefill.onnx", "onnx/decode.onnx", "runtime/tokenizer.json",
+              "runtime/preprocess.json", "runtime/generation.json", "runtime/special_tokens.json", "recipe.resolved.yaml"]:
+        assert man["files"][f]["sha256"] == sha256_file(art / f)
+    assert man["packages"]["onnx"] == onnx.__version__
+    assert man["schedule"]["method"] == "visipruner" and man["recipe"]["pruning"]["method"] == "visipruner"
+    assert man["export"]["precision"] == "fp32" and man["export"]["opset"] == 18
+    gen = json.loads((art / "runtime" / "generation.json").read_text())
+    assert gen["visual_per_layer"] == [144, 144, 144, 10, 10, 10, 0, 0]
+    assert gen["kv_static_len"] == [gen["prefix"] + v for v in gen["visual_per_layer"]]
+    assert gen["eos_token_id"] == pipe.eos_token_id and gen["image_token_id"] == pipe.pruned.image_token_id
+    assert gen["num_kv_heads"] == 4 and gen["head_dim"] == 32 and gen["text_length"] == {"mode": "padded", "max": 16}
+    pre = json.loads((art / "runtime" / "preprocess.json").read_text())
+    assert pre["resample"] == 3 and pre["crop_size"] == {"height": 96, "width": 96}
+    for f in ("vision", "prefill", "decode"):
+        onnx.checker.check_model(str(art / "onnx" / f"{f}.onnx"), full_check=True)
+    # drop_all point: no kept output for it
+    names = [o.name for o in ort(art / "onnx" / "prefill.onnx").get_outputs()]
+    assert [n for n in names if n.startswith("kept.")] == ["kept.0"] and len(names) == 1 + 16 + 1
+    assert not list(art.glob(".export-*"))
+
+
+def test_dynamic_text_mode(ckpt, tmp_path):
+    rp = write_recipe(tmp_path / "dyn.yaml", ckpt, "fastv", mode="dynamic", text_max=16)
+    export_py(rp, tmp_path / "art")
+    pipe = torch_pruned(ckpt, rp)
+    pm = pipe.pruned
+    sess = ort(tmp_path / "art" / "onnx" / "prefill.onnx")
+    assert sess.get_inputs()[0].shape == ["batch", "sequence"]
+    for lens, T in (((4, 2), 4), ((11, 6, 9), 11)):
+        ids, mask, px = batch_inputs(pipe, text_lens=lens, text_max=T)
+        with torch.no_grad():
+            feats = pm.encode_image(px)
+            ref = pm.prefill(ids, mask, feats)
+        out = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "image_features": feats.numpy()})
+        assert np.abs(out[0] - ref.logits.numpy()).max() < 1e-4
+        assert out[1].shape[2] == pm.prefix + pm.visual_tokens + T
+        np.testing.assert_array_equal(out[-1], ref.kept[0].numpy())
+
+
+def test_fp16_export(ckpt, tmp_path):
+    import onnx
+
+    rp = write_recipe(tmp_path / "half.yaml", ckpt, "fastv", precision="fp16")
+    export_py(rp, tmp_path / "art")
+    m = onnx.load(str(tmp_path / "art" / "onnx" / "prefill.onnx"))
+    big = [i for i in m.graph.initializer if len(i.dims) == 2]
+    half = sum(len(i.raw_data) for i in big if i.data_type == onnx.TensorProto.FLOAT16)
+    # (the legacy exporter keeps o_proj in fp32 after its fp16 SDPA decomposition: see docs/export.md)
+    assert half > 0.8 * sum(len(i.raw_data) for i in big)
+    from vpexport.model.loading import load_llava
+    from vpexport.model.pruned import PrunedLlava
+    from vpexport.recipe import load_recipe
+
+    r = load_recipe(rp)
+    model, _ = load_llava(ckpt, "float16")
+    pm = PrunedLlava(model, r.schedule(), prefix=torch_pruned(ckpt, rp).prefix)
+    ids, mask, px = batch_inputs(torch_pruned(ckpt, rp))
+    with torch.no_grad():
+        feats = pm.encode_image(px)
+        ref = pm.prefill(ids, mask, feats)
+    out = ort(tmp_path / "art" / "onnx" / "prefill.onnx").run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "image_features": feats.numpy()})
+    assert out[0].dtype == np.float16
+    assert np.abs(out[0].astype(np.float32) - ref.logits.float().numpy()).max() < 5e-2
+
+
+def test_failed_export_leaves_previous_artifacts(exported, tmp_path, monkeypatch):
+    import shutil
+
+    import vpexport.export.onnx_export as ox
+    from vpexport.errors import ArtifactError
+    from vpexport.manifest import read_manifest
+
+    rp, art0, _ = exported("fastv")
+    art = tmp_path / "art"
+    shutil.copytree(art0, art)
+    before = {f: (art / f).read_bytes() for f in ("onnx/prefill.onnx", "manifest.json")}
+    real = ox._finalize_onnx
+
+    def boom(raw, dest, spec=None):
+        if dest.name == "decode.onnx":
+            raise ArtifactError("simulated checker failure")
+        return real(raw, dest, spec)
+
+    monkeypatch.setattr(ox, "_finalize_onnx", boom)
+    with pytest.raises(ArtifactError):
+        export_py(rp, art)
+    assert {f: (art / f).read_bytes() for f in before} == before
+    assert not list(art.glob(".export-*"))
+    read_manifest(art)  # still consistent
+
+
+def test_export_cli_summary(ckpt, tmp_path):
+    rp = write_recipe(tmp_path / "c.yaml", ckpt, "fastv")
+    r = cli("export", rp, "--out", tmp_path / "art")
+    assert r.returncode == 0, r.stderr
+    assert "[export] prefill.onnx" in r.stderr
+    assert f"next: vpexport validate {tmp_path / 'art'}" in r.stdout
+    assert "onnx/prefill.onnx" in r.stdout and "MB" in r.stdout
+    assert (tmp_path / "art" / "recipe.resolved.yaml").is_file()
