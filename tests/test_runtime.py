@@ -1,0 +1,222 @@
+"""The torch-free runtime: preprocessing/tokenizer vs the HF processor, ORT generation vs
+PrunedLlava.generate, a subprocess where torch/transformers cannot import, and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_export import QUESTIONS, build_checkpoint, cli, export_py, make_eval, torch_pruned, write_recipe
+
+BLOCKER = '''
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+sys.meta_path.insert(0, _Block())
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rt")
+    ckpt = build_checkpoint(d / "mini")
+    ev = make_eval(d / "data", n=4)
+    rp = write_recipe(d / "himap.yaml", ckpt, "himap", eval_file=ev)
+    export_py(rp, d / "art")
+    return {"dir": d, "ckpt": ckpt, "recipe": rp, "art": d / "art", "eval": ev, "pipe": torch_pruned(ckpt, rp)}
+
+
+def _images(n, seed=0):
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    sizes = [(96, 96), (120, 80), (70, 150), (97, 301), (40, 30)]
+    return [Image.fromarray(rng.randint(0, 255, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(n)]
+
+
+def _blocked_env(tmp_path: Path) -> dict:
+    site = tmp_path / "blocker"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(Path(__file__).resolve().parents[1])])
+    return env
+
+
+# --------------------------------------------------------------------------- inputs
+@pytest.mark.parametrize("mean_std", [None, "clip"])
+def test_preprocess_matches_hf_clip_processor(mean_std):
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    from vpexport.export.onnx_export import preprocess_config
+    from vpexport.runtime.preprocess import Preprocessor
+    from vpexport.testbed.model import build_image_processor
+
+    kw = {"mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)} if mean_std else {}
+    hf = build_image_processor(96, **kw)
+    ours = Preprocessor(json.loads(json.dumps(preprocess_config(hf))))
+    imgs = _images(5)
+    ref = hf(images=imgs, return_tensors="np")["pixel_values"]
+    got = ours(imgs)
+    assert got.shape == ref.shape == (5, 3, 96, 96) and got.dtype == np.float32
+    assert np.abs(got - ref).max() < 1e-6
+
+
+def test_tokenizer_matches_processor(setup):
+    from vpexport.runtime import ArtifactRuntime
+
+    rt = ArtifactRuntime.open(setup["art"])
+    pipe = setup["pipe"]
+    imgs = _images(3)
+    ids, mask, px = rt.encode(imgs, QUESTIONS[:3])
+    tids, tmask, tpx = pipe.encode(imgs, QUESTIONS[:3])
+    w = tids.shape[1]
+    assert ids.shape[1] == pipe.prefix + 144 + 16  # padded mode: static text length
+    np.testing.assert_array_equal(ids[:, :w], tids.numpy())
+    np.testing.assert_array_equal(mask[:, :w], tmask.numpy())
+    assert not mask[:, w:].any()
+    assert rt.tokenizer.decode(tids[0, pipe.prefix + 144 :].tolist()) == pipe.processor.tokenizer.decode(
+        tids[0, pipe.prefix + 144 :], skip_special_tokens=True).strip()
+
+
+# --------------------------------------------------------------------------- generation
+@pytest.mark.parametrize("batch", [1, 3])
+def test_runtime_generation_matches_torch(setup, batch):
+    from vpexport.runtime import ArtifactRuntime
+
+    rt = ArtifactRuntime.open(setup["art"], threads=1)
+    pm = setup["pipe"].pruned
+    imgs, qs = _images(batch, seed=batch), QUESTIONS[:batch]
+    ids, mask, px = rt.encode(imgs, qs)
+    ref, ref_out = pm.generate(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(px), 5, 2)
+    got, out = rt.generate(ids, mask, px, 5)
+    assert got == ref
+    assert all(len(t) > 0 for t in got)
+    for a, b in zip(out.kept, [k for k in ref_out.kept if k.shape[1]]):
+        np.testing.assert_array_equal(a, b.numpy())
+    # end to end: runtime tokenizer + preprocessing vs the HF processor + PyTorch
+    answers = rt.answer(imgs, qs)
+    torch_answers = setup["pipe"].answer(imgs, qs)
+    assert [a["tokens"] for a in answers] == [a.tokens for a in torch_answers]
+    assert [a["text"] for a in answers] == [a.text for a in torch_answers]
+
+
+def test_per_sample_stopping(setup):
+    """A sample that hits eos stops while the others go on (eos forced to a token one sample emits)."""
+    from vpexport.runtime import ArtifactRuntime
+
+    rt = ArtifactRuntime.open(setup["art"], threads=1)
+    imgs, qs = _images(3, seed=3), QUESTIONS[:3]
+    ids, mask, px = rt.encode(imgs, qs)
+    free, _ = rt.generate(ids, mask, px, 5)
+    pm = setup["pipe"].pruned
+    eos = free[0][1]  # the 2nd token of sample 0 becomes "eos"
+    rt.eos = eos
+    got, _ = rt.generate(ids, mask, px, 5)
+    ref, _ = pm.generate(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(px), 5, eos)
+    assert got == ref
+    assert got[0] == free[0][: free[0].index(eos)]
+
+
+# --------------------------------------------------------------------------- no torch
+def test_runtime_runs_without_torch(setup, tmp_path):
+    env = _blocked_env(tmp_path)
+    probe = "import torch"
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "blocked" in r.stderr  # the blocker works
+    code = (
+        "import sys, json; from vpexport.runtime import ArtifactRuntime; import vpexport.commands.run;"
+        f"rt = ArtifactRuntime.open({str(setup['art'])!r});"
+        f"print(json.dumps(rt.answer([{str(setup['dir'] / 'data' / 'img0.png')!r}], [{QUESTIONS[0]!r}])));"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    ref = setup["pipe"].answer([Image.open(setup["dir"] / "data" / "img0.png").convert("RGB")], [QUESTIONS[0]])[0]
+    assert json.loads(r.stdout)[0]["tokens"] == ref.tokens
+    # the CLI path too
+    r = cli("run", setup["art"], "--image", setup["dir"] / "data" / "img0.png", "--prompt", QUESTIONS[0], "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["answers"][0]["tokens"] == ref.tokens
+
+
+# --------------------------------------------------------------------------- exit codes
+def _copy(setup, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(setup["art"], art)
+    return art
+
+
+def _run(art, tmp_path, image=None):
+    img = image or (tmp_path / "ok.png")
+    if image is None:
+        from PIL import Image
+
+        Image.new("RGB", (96, 96), (10, 20, 30)).save(img)
+    return cli("run", art, "--image", img, "--prompt", "read the digits", env=_blocked_env(tmp_path))
+
+
+def test_exit_2_on_bad_image(setup, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is not an image")
+    r = _run(setup["art"], tmp_path, bad)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "not a readable image" in r.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "missing", "missing_tokenizer"])
+def test_exit_3_on_damaged_artifacts(setup, tmp_path, damage):
+    art = _copy(setup, tmp_path)
+    f = art / "onnx" / "decode.onnx"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:1000])
+    elif damage == "flip_byte":
+        b = bytearray(f.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        f.write_bytes(bytes(b))
+    elif damage == "missing":
+        f.unlink()
+    else:
+        (art / "runtime" / "tokenizer.json").unlink()
+    r = _run(art, tmp_path)
+    assert r.returncode == 3, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert {"truncate": "corrupt", "flip_byte": "does not match its manifest hash", "missing": "missing",
+            "missing_tokenizer": "tokenizer.json is missing"}[damage] in line
+
+
+def test_exit_3_on_corrupt_onnx_with_rehashed_manifest(setup, tmp_path):
+    from vpexport.manifest import update_manifest
+
+    art = _copy(setup, tmp_path)
+    (art / "onnx" / "vision.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    update_manifest(art, None, None, files=["onnx/vision.onnx"])
+    r = _run(art, tmp_path)
+    assert r.returncode == 3 and "cannot load" in r.stderr
+
+
+def test_exit_3_without_manifest(setup, tmp_path):
+    from vpexport.errors import ArtifactError
+    from vpexport.manifest import read_manifest
+
+    art = _copy(setup, tmp_path)
+    (art / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        read_manifest(art)
+    r = _run(art, tmp_path)
+    assert r.returncode == 3 and "manifest.json" in r.stderr
