@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "mini_vqa.yaml"
 N_REQUESTS = 24
 CONCURRENCY = 4
+UNTRAINED_SCALE = 6.0  # 24 questions -> ~22 distinct answers from the untrained mini model
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,13 @@ def artifact(tmp_path_factory):
     if not (ckpt / "config.json").is_file():  # no trained checkpoint here: same model, untrained
         from vpexport.testbed.model import build_mini, save_checkpoint
 
+        import torch
+
         model, _, proc = build_mini(seed=0)
+        with torch.no_grad():  # fresh weights answer every input alike; larger ones make answers input-dependent
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.mul_(UNTRAINED_SCALE)
         save_checkpoint(tmp / "ckpt", model, proc, {"untrained": True})
         raw["model"]["path"] = str(tmp / "ckpt")
         raw["task"]["data"] = {}
@@ -126,6 +133,18 @@ def _infer_all(url, samples, model="llava"):
     return [r[0] for r in results], {r[1] for r in results}
 
 
+def _stats(url, model):
+    """(inference_count, execution_count) of MODEL: fewer executions than inferences = dynamic batching."""
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(url)
+    try:
+        st = c.get_inference_statistics(model)["model_stats"][0]
+    finally:
+        c.close()
+    return int(st["inference_count"]), int(st["execution_count"])
+
+
 def _serve_and_compare(repo, models, samples, reference, tmp_path, min_requests=20):
     h = start_server(repo, models=models, work_dir=tmp_path / "server")
     try:
@@ -133,6 +152,7 @@ def _serve_and_compare(repo, models, samples, reference, tmp_path, min_requests=
         t0 = time.monotonic()
         answers, threads = _infer_all(h.http_url, samples)
         took = time.monotonic() - t0
+        stats = _stats(h.http_url, "llava")
     finally:
         rc = stop(h)
     assert h.proc.poll() is not None, "the server is still running after stop()"
@@ -141,9 +161,12 @@ def _serve_and_compare(repo, models, samples, reference, tmp_path, min_requests=
     mismatches = [(i, a, b) for i, (a, b) in enumerate(zip(answers, reference)) if a != b]
     print(f"\n[triton] {models}: ready in {ready_s:.1f} s, {len(answers)} requests ({CONCURRENCY} at a time, "
           f"{len(threads)} client threads) in {took:.1f} s, {len(answers) - len(mismatches)}/{len(answers)} "
-          f"answers equal vpexport run ({len(set(reference))} distinct); server exit code {rc}")
+          f"answers equal vpexport run ({len(set(reference))} distinct); llava ran {stats[1]} executions for "
+          f"{stats[0]} inferences; server exit code {rc}")
     assert len(answers) == len(samples) >= min_requests
     assert len(threads) > 1
+    assert stats[0] == len(samples)
+    assert len(set(reference)) > 1, "the reference answers are all alike: the comparison would prove little"
     assert not mismatches, f"server answers differ from `vpexport run`: {mismatches[:3]}"
     assert rc == 0, h.log()[-2000:]
 

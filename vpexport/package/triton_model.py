@@ -38,10 +38,14 @@ class BlsGraphs:
         self.outputs = {r: w["outputs"] for r, w in wiring.items()}
 
     def run(self, name, feeds):
+        kw = {}
+        if hasattr(pb_utils, "PreferredMemory"):  # ask for host outputs (GPU components): numpy needs them
+            kw["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
         req = pb_utils.InferenceRequest(
             model_name=self.components[name],
             requested_output_names=self.outputs[name],
             inputs=[pb_utils.Tensor(k, np.ascontiguousarray(feeds[k])) for k in self.inputs[name]],
+            **kw,
         )
         resp = req.exec()
         if resp.has_error():
