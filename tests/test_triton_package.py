@@ -75,7 +75,7 @@ def cli(*args):
 
 def test_generated_repository_is_sound(repo):
     assert check_repository(repo) == []
-    assert sorted(p.name for p in repo.iterdir()) == ["decode", "llava", "prefill", "vision"]
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["decode", "llava", "prefill", "vision"]
     text = (repo / "vision" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in text and "max_batch_size: 8" in text
     assert "dims: 3\n  dims: 96\n  dims: 96" in text  # batch dim dropped
@@ -105,6 +105,12 @@ def test_deploy_settings_bls_gpu(tmp_path):
     assert 'string_value: "bls"' in (repo / "llava" / "config.pbtxt").read_text()
     assert not (repo / "llava/1/artifact/onnx").exists()  # bls: the graphs live in the component models only
     assert s["models"]["llava"]["provider"] == "cuda"
+    # `vpexport build` passes the recipe's whole deploy section; a repository written here is replaced
+    from vpexport.recipe.schema import DeploySection
+
+    s = package_triton(art, repo, DeploySection.model_validate({"triton": {**cfg, "mode": "inprocess"}}))
+    assert s["deploy"]["mode"] == "inprocess" and check_repository(repo) == []
+    assert (repo / "llava/1/artifact/onnx/vision.onnx").is_file()
 
 
 def test_check_catches_wrong_platform(repo):

@@ -37,6 +37,7 @@ from vpexport.errors import ArtifactError, RuntimeUnavailable, UserInputError
 COMPONENTS = ("vision", "prefill", "decode")
 PY_MODEL = "llava"
 MODES = ("inprocess", "bls")
+MARKER_FILE = ".vpexport-package.json"  # in OUT: written by package_triton
 
 # platform -> model file in the version folder (None: a folder or nothing)
 PLATFORMS = {
@@ -86,8 +87,14 @@ def _deploy_dict(deploy_cfg) -> dict:
 
     if deploy_cfg is None:
         deploy_cfg = {}
+    if hasattr(deploy_cfg, "triton"):  # a whole `deploy` section (DeploySection) or a recipe's
+        deploy_cfg = deploy_cfg.triton
+    if hasattr(deploy_cfg, "deploy"):  # a Recipe
+        deploy_cfg = deploy_cfg.deploy.triton
     if hasattr(deploy_cfg, "model_dump"):
         deploy_cfg = deploy_cfg.model_dump()
+    if isinstance(deploy_cfg, dict) and isinstance(deploy_cfg.get("triton"), dict):  # {"triton": {...}, "jetson": ...}
+        deploy_cfg = deploy_cfg["triton"]
     try:
         return TritonSection.model_validate(dict(deploy_cfg)).model_dump()
     except Exception as e:  # noqa: BLE001 - pydantic ValidationError: one line
@@ -213,8 +220,9 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
                    threads: int = 1, log=None) -> dict:
     """Write the Triton model repository for ARTIFACT_DIR into OUT_DIR; returns a summary dict.
 
-    `deploy_cfg`: a recipe's `deploy.triton` (TritonSection or dict); None -> the one recorded in
-    the artifact's manifest (the exported recipe), else the schema defaults.
+    `deploy_cfg`: a recipe's `deploy.triton` (TritonSection or dict), or its whole `deploy` section;
+    None -> the one recorded in the artifact's manifest (the exported recipe), else the schema
+    defaults. An existing OUT is replaced when `force` or when package_triton wrote it.
     """
     import time
 
@@ -238,7 +246,8 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
     if batch_max and d["max_batch_size"] > int(batch_max):
         raise UserInputError(f"max_batch_size {d['max_batch_size']} is larger than the exported batch.max ({batch_max})",
                              field="deploy.triton.max_batch_size", fix=f"use at most {batch_max}")
-    if out.exists() and any(out.iterdir()) and not force:
+    ours = (out / MARKER_FILE).is_file()  # a repository this function wrote earlier is replaced without --force
+    if out.exists() and any(out.iterdir()) and not force and not ours:
         raise UserInputError(f"{out} already exists and is not empty", field="--triton",
                              fix="choose another folder or pass --force to replace it")
     _pb()  # fail early (exit 5) without tritonclient
@@ -303,6 +312,8 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
                               "max_batch_size": cfg.max_batch_size}
         log(f"[package] {model_name}: python backend, mode {d['mode']}, provider {provider}")
 
+        (tmp / MARKER_FILE).write_text(json.dumps({"artifact": str(art.resolve()), "mode": d["mode"],
+                                                   "device": d["device"]}, indent=2) + "\n")
         problems = check_repository(tmp)
         if problems:
             raise ArtifactError(f"the generated repository fails its check: {problems[0]}"
