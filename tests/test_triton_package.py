@@ -180,3 +180,25 @@ def test_package_cli_errors_are_one_line(tmp_path):
     (art / "onnx" / "vision.onnx").write_bytes(b"corrupt")
     r = cli("package", art, "--triton", tmp_path / "repo2")
     assert r.returncode == 3 and "vision.onnx" in r.stderr and not (tmp_path / "repo2").exists()
+
+
+def test_engines_become_tensorrt_plan_models(tmp_path):
+    """With `vpexport engine`'s plans in the artifact, the components are tensorrt_plan models whose
+    dims are still checked against the graph the plan was built from (offline: the plan is not parsed)."""
+    art = make_artifact(tmp_path / "art")
+    (art / "engines").mkdir()
+    for n in ("vision", "prefill", "decode"):
+        (art / "engines" / f"{n}.plan").write_bytes(b"plan bytes")
+    (art / "engines" / "engines.json").write_text("{}")
+    update_manifest(art, "engine", {"plans": {n: f"engines/{n}.plan" for n in ("vision", "prefill", "decode")}},
+                    files=[f"engines/{n}.plan" for n in ("vision", "prefill", "decode")] + ["engines/engines.json"])
+    repo = tmp_path / "repo"
+    s = package_triton(art, repo, {"device": "gpu", "mode": "bls"})
+    assert {s["models"][n]["platform"] for n in ("vision", "prefill", "decode")} == {"tensorrt_plan"}
+    assert (repo / "vision/1/model.plan").is_file() and not (repo / "vision/1/model.onnx").exists()
+    assert check_repository(repo) == []
+    c = repo / "decode" / "config.pbtxt"
+    c.write_text(c.read_text().replace("dims: 153", "dims: 154", 1))
+    assert any("decode/config.pbtxt: output 'present.0.key' dims [4, 154, 32]" in p for p in check_repository(repo))
+    (repo / "vision/1/model.plan").unlink()
+    assert "vision/1: model file model.plan is missing" in check_repository(repo)
