@@ -59,9 +59,10 @@ def _section(recipe, name: str):
 
 # ----------------------------------------------------------------------------- stages
 def _stage_calibrate(ctx: Context) -> dict:
-    from vpexport.calibrate.runner import calibrate_recipe
+    from vpexport.calibrate.search import calibrate
 
-    return calibrate_recipe(ctx.recipe, out_dir=ctx.dir, log=ctx.log)
+    r = calibrate(ctx.recipe, ctx.dir, progress=True)
+    return {"schedule": r["schedule"], "flops": r["flops"], "eval": r["eval"]}
 
 
 def _stage_export(ctx: Context) -> dict:
