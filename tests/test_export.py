@@ -360,3 +360,22 @@ def test_export_cli_summary(ckpt, tmp_path):
     assert f"next: vpexport validate {tmp_path / 'art'}" in r.stdout
     assert "onnx/prefill.onnx" in r.stdout and "MB" in r.stdout
     assert (tmp_path / "art" / "recipe.resolved.yaml").is_file()
+
+
+def test_external_data_over_the_limit(exported, tmp_path, monkeypatch):
+    """Graphs over the 2 GB limit get external data (the limit lowered here to exercise the path)."""
+    import vpexport.export.onnx_export as ox
+    from vpexport.manifest import read_manifest
+    from vpexport.runtime import ArtifactRuntime
+
+    rp, art0, pipe = exported("fastv")
+    monkeypatch.setattr(ox, "TWO_GB", 1000)
+    export_py(rp, tmp_path / "art")
+    man = read_manifest(tmp_path / "art")
+    for g in ("vision", "prefill", "decode"):
+        assert f"onnx/{g}.onnx.data" in man["files"]
+        assert (tmp_path / "art" / "onnx" / f"{g}.onnx").stat().st_size < 1_000_000
+    ids, mask, px = batch_inputs(pipe)
+    got, _ = ArtifactRuntime.open(tmp_path / "art", threads=1).generate(ids.numpy(), mask.numpy(), px.numpy(), 4)
+    ref, _ = pipe.pruned.generate(ids, mask, px, 4, pipe.eos_token_id)
+    assert got == ref
