@@ -96,7 +96,7 @@ def _stage_validate(ctx: Context) -> dict:
 def _stage_package(ctx: Context) -> dict:
     from vpexport.package.triton import package_triton
 
-    return package_triton(ctx.dir, ctx.dir / "triton", ctx.recipe.deploy)
+    return package_triton(ctx.dir, ctx.dir / "triton", ctx.recipe.deploy, log=ctx.log)
 
 
 STAGES: tuple[Stage, ...] = (
