@@ -42,7 +42,7 @@ class Context:
 # ----------------------------------------------------------------------------- fingerprints
 def _files_fingerprint(paths) -> list:
     out = []
-    for p in paths:
+    for p in filter(None, paths):
         p = Path(p)
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else ([p] if p.is_file() else [])
         out += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]

@@ -1,0 +1,64 @@
+"""`vpexport build` end to end on a tiny checkpoint: stages, reuse, atomic failure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_export import build_checkpoint, cli, make_eval, write_recipe
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("build")
+    ckpt = build_checkpoint(d / "mini")
+    ev = make_eval(d / "data", n=4)
+    return d, ckpt, ev
+
+
+def test_build_runs_every_stage_then_reuses_them(setup):
+    d, ckpt, ev = setup
+    rp = write_recipe(d / "b_fastv.yaml", ckpt, "fastv", eval_file=ev, samples=4)
+    out = d / "art"
+    r = cli("build", rp, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    st = m["build"]["stages"]
+    assert m["build"]["complete"] is True
+    assert st["export"]["status"] == "done" and st["validate"]["status"] == "done"
+    assert st["calibrate"]["status"] == "not requested"
+    # No GPU here: the engine stage is skipped with one line, not a failure (done on a GPU box).
+    assert st["engine"]["status"] in ("skipped", "done")
+    if st["engine"]["status"] == "skipped":
+        assert "engine: skipped" in r.stderr
+    assert (out / "onnx" / "prefill.onnx").is_file() and m["validation"]["passed"] is True
+    assert "next:" in r.stdout and f"vpexport run {out}" in r.stdout
+    assert not (d / ".art.staging").exists()
+
+    again = cli("build", rp, "--out", out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "export: unchanged inputs, reusing" in again.stderr
+    assert "validate: unchanged inputs, reusing" in again.stderr
+    m2 = json.loads((out / "manifest.json").read_text())
+    assert m2["build"]["stages"]["export"]["reused"] is True
+    assert m2["files"]["onnx/prefill.onnx"] == m["files"]["onnx/prefill.onnx"]
+
+    # A changed recipe section re-runs the stages that depend on it.
+    rp.write_text(rp.read_text().replace("max_new_tokens: 5", "max_new_tokens: 4"))
+    third = cli("build", rp, "--out", out)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "export: unchanged inputs" not in third.stderr
+
+
+def test_failed_build_leaves_no_final_artifact(setup):
+    d, ckpt, _ = setup
+    rp = write_recipe(d / "b_nodata.yaml", ckpt, "fastv", eval_file=None)  # validation needs eval data
+    out = d / "art_fail"
+    r = cli("build", rp, "--out", out)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "task.data.eval" in err[0]
+    assert "Traceback" not in r.stderr
+    assert not out.exists()  # the final folder is only ever a complete build
+    assert (d / ".art_fail.staging" / "onnx" / "prefill.onnx").is_file()  # finished stages kept for a re-run
