@@ -13,15 +13,12 @@ Images are encoded once per batch (vision tower + projector), and the dense answ
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
 from vpexport.evaluation import exact_match, token_f1
-from vpexport.model import scoring
-from vpexport.model.pruned import PrunedLlava, causal_mask, repeat_kv
+from vpexport.model.pruned import PrunedLlava
 from vpexport.pruning.schedule import Schedule
 
 SCORE_RULES = ("last_token_attention", "text_attention", "visual_attention", "value_contribution")
@@ -105,105 +102,43 @@ class Runner:
     def _dense_pass(self, eb: EncodedBatch, sink: int) -> DenseState:
         """`PrunedLlava.prefill` with no prune point (sink stage `sink`), recording every layer."""
         pl = self.model_for(Schedule("none", sink_layers=sink))
-        p, n = self.p, self.N
-        b, seq = eb.ids.shape
-        h = pl.merge_embeddings(eb.ids, eb.feats)
-        key_valid = eb.mask.to(torch.bool)
-        pos = torch.arange(seq)[None].expand(b, seq)
-        text_len = eb.mask[:, p + n :].sum(-1)
-        last_idx = p + n + text_len - 1
-        cos, sin = pl.rotary_emb(h, pos)
-        allowed = causal_mask(key_valid)
-        h_in, kv, scores = [], [], {}
-        for i in range(self.L):
-            h_in.append(h)
-            x = pl.layers[i].input_layernorm(h)
-            q, k, v = pl._qkv(i, x, cos, sin)
-            kv.append((k, v))
-            kr, vr = repeat_kv(k, pl.groups), repeat_kv(v, pl.groups)
-            layer_allowed = allowed
-            if 0 < i < sink:
-                layer_allowed = allowed & ~pl._text_visual_block(seq, p, n, h.device)
-            attn = F.scaled_dot_product_attention(q, kr, vr, attn_mask=layer_allowed, scale=1 / math.sqrt(pl.head_dim))
-            if i == 0 and sink > 0:
-                t0 = p + n
-                probs = scoring._probs(q[:, :, t0:], kr, allowed[:, :, t0:])
-                text_out = torch.matmul(pl._sink_redirect(probs, p, n).to(vr.dtype), vr)
-                attn = torch.cat([attn[:, :, :t0], text_out], dim=2)
+        h_in, scores = [], {}
+
+        def observe(i, st, q, kr, vr, allowed, last_idx):
+            h_in.append(st.h)
             if i >= sink and i < self.L - 1:  # a point at i + 1 must come after the sink stage
                 for rule in SCORE_RULES:
-                    scores[(rule, i)] = pl._score(rule, q, kr, vr, allowed, key_valid, last_idx, p, n)
-            h = pl._finish_layer(i, h, attn)
-        h = pl.norm(h)
-        last = torch.gather(h, 1, last_idx[:, None, None].expand(b, 1, h.shape[-1]))[:, 0]
-        return DenseState(h_in, kv, scores, pl.lm_head(last))
+                    scores[(rule, i)] = pl._score(rule, q, kr, vr, allowed, st.key_valid, last_idx, self.p, st.n)
+
+        st, kv, _ = pl.run_layers(pl.start_state(eb.ids, eb.mask, eb.feats), observe=observe)
+        return DenseState(h_in, kv, scores, pl.finish(st))
 
     # ------------------------------------------------------------------ resumed prefill
     @torch.inference_mode()
     def prefill(self, b: int, schedule: Schedule, pl: PrunedLlava | None = None):
         """(logits, kv) of `schedule` on batch b, resuming the dense pass at the first prune point."""
         pl = pl or self.model_for(schedule)
-        st = self.dense_state(b, schedule.sink_layers)
+        dense = self.dense_state(b, schedule.sink_layers)
         if not pl.points:
-            return st.logits, st.kv
+            return dense.logits, dense.kv
         eb = self.batches[b]
-        p, n = self.p, self.N
         start = min(pl.points)
-        bsz, seq = eb.ids.shape
-        h = st.h_in[start]
-        key_valid = eb.mask.to(torch.bool)
-        pos = torch.arange(seq)[None].expand(bsz, seq)
-        vis_orig = torch.arange(n)[None].expand(bsz, n)
-        text_len = eb.mask[:, p + n :].sum(-1)
         first = pl.points[start]
-        score = st.scores.get((first.rule, start - 1)) if first.rule in SCORE_RULES else None
-        kv = list(st.kv[:start])
-        for i in range(start, self.L):
-            if i in pl.points:
-                h, pos, key_valid, vis_orig, n = pl._prune(pl.points[i], score, h, pos, key_valid, vis_orig, n)
-                cos, sin = pl.rotary_emb(h, pos)
-                allowed = causal_mask(key_valid)
-            x = pl.layers[i].input_layernorm(h)
-            q, k, v = pl._qkv(i, x, cos, sin)
-            kv.append((k, v))
-            kr, vr = repeat_kv(k, pl.groups), repeat_kv(v, pl.groups)
-            attn = F.scaled_dot_product_attention(q, kr, vr, attn_mask=allowed, scale=1 / math.sqrt(pl.head_dim))
-            nxt = pl.points.get(i + 1)
-            score = None
-            if nxt is not None and n > 0:
-                last_idx = p + n + text_len - 1
-                score = pl._score(nxt.rule, q, kr, vr, allowed, key_valid, last_idx, p, n)
-            h = pl._finish_layer(i, h, attn)
-        h = pl.norm(h)
-        last_idx = p + n + text_len - 1
-        last = torch.gather(h, 1, last_idx[:, None, None].expand(bsz, 1, h.shape[-1]))[:, 0]
-        return pl.lm_head(last), kv
+        # Before the first prune point the candidate is the dense model: resume from its state.
+        st = replace(
+            pl.start_state(eb.ids, eb.mask, eb.feats),
+            h=dense.h_in[start],
+            score=dense.scores.get((first.rule, start - 1)) if first.rule in SCORE_RULES else None,
+        )
+        st, kv, _ = pl.run_layers(st, start, kv=list(dense.kv[:start]))
+        return pl.finish(st), kv
 
     @torch.inference_mode()
     def generate(self, b: int, pl: PrunedLlava, logits, kv) -> list[list[int]]:
         """Greedy decoding after a prefill (the loop of `PrunedLlava.generate`)."""
         eb = self.batches[b]
-        eos = self.pipe.eos_token_id
-        bsz = eb.ids.shape[0]
-        text_mask = eb.mask[:, self.p + self.N :].to(torch.long)
-        next_pos = (self.p + self.N + text_mask.sum(-1))[:, None]
-        tokens: list[list[int]] = [[] for _ in range(bsz)]
-        done = [False] * bsz
-        for step in range(self.pipe.max_new_tokens):
-            nxt = logits.argmax(-1)
-            for j in range(bsz):
-                if not done[j]:
-                    t = int(nxt[j])
-                    if eos is not None and t == eos:
-                        done[j] = True
-                    else:
-                        tokens[j].append(t)
-            if all(done) or step == self.pipe.max_new_tokens - 1:
-                break
-            text_mask = torch.cat([text_mask, torch.ones(bsz, 1, dtype=text_mask.dtype)], dim=1)
-            logits, kv = pl.decode(nxt[:, None], next_pos, text_mask, kv)
-            next_pos = next_pos + 1
-        return tokens
+        text_len = eb.mask[:, self.p + self.N :].sum(-1)
+        return pl.greedy(logits, kv, eb.mask, text_len, self.pipe.max_new_tokens, self.pipe.eos_token_id)
 
     # ------------------------------------------------------------------ evaluation
     def run(self, schedule: Schedule, min_accuracy: float | None = None, keep_logits: bool = False,

@@ -13,7 +13,7 @@ A decode step attends to them with the same key layout, so decoding needs no pru
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,19 @@ class PrefillOutput:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (B, KV, L_l, hd), post-RoPE keys
     kept: list[torch.Tensor]  # per prune point (B, keep) original visual indices, sorted; empty for drop_all
     text_len: torch.Tensor  # (B,) valid text tokens
+
+
+@dataclass
+class DecoderState:
+    """What flows between decoder layers during prefill (shapes follow the current segment)."""
+
+    h: torch.Tensor  # (B, L_seg, d)
+    pos: torch.Tensor  # (B, L_seg) original position ids
+    key_valid: torch.Tensor  # (B, L_seg) bool: not padding
+    vis_orig: torch.Tensor  # (B, n) original indices of the visual tokens present
+    n: int  # visual tokens present (static)
+    text_len: torch.Tensor  # (B,) valid text tokens
+    score: torch.Tensor | None = None  # (B, n) scores read from the last layer, for a point at the next one
 
 
 class PrunedLlava(nn.Module):
@@ -168,54 +181,83 @@ class PrunedLlava(nn.Module):
         if int((input_ids == self.image_token_id).sum()) != n * input_ids.shape[0]:
             raise UserInputError("the prompt has more than one image", field="prompt", fix="use one <image> per prompt")
 
-    def prefill(
+    def start_state(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor
-    ) -> PrefillOutput:
+    ) -> "DecoderState":
+        """The state entering layer 0: merged embeddings, original positions, nothing pruned yet."""
         p, n = self.prefix, self.visual_tokens
         b, seq = input_ids.shape
-        h = self.merge_embeddings(input_ids, image_features)
-        key_valid = attention_mask.to(torch.bool)
-        pos = torch.arange(seq, device=h.device)[None].expand(b, seq)
-        text_len = attention_mask[:, p + n :].sum(-1)
         if self.sliding_window is not None and not torch.jit.is_tracing() and seq > self.sliding_window:
             raise UserInputError(
                 f"sequence of {seq} tokens exceeds the sliding window {self.sliding_window}",
                 field="export.text_length.max",
                 fix="shorten the prompt",
             )
-        vis_orig = torch.arange(n, device=h.device)[None].expand(b, n)
-        cos, sin = self.rotary_emb(h, pos)
-        allowed = causal_mask(key_valid)
-        kv, kept, score = [], [], None
-        for i in range(self.num_layers):
+        h = self.merge_embeddings(input_ids, image_features)
+        return DecoderState(
+            h=h,
+            pos=torch.arange(seq, device=h.device)[None].expand(b, seq),
+            key_valid=attention_mask.to(torch.bool),
+            vis_orig=torch.arange(n, device=h.device)[None].expand(b, n),
+            n=n,
+            text_len=attention_mask[:, p + n :].sum(-1),
+        )
+
+    def run_layers(self, st: "DecoderState", start: int = 0, kv=None, kept=None, observe=None):
+        """Run decoder layers start..L-1 from `st` (the state entering `start`); returns (st, kv, kept).
+
+        At a prune point, `st.score` (read from the previous layer) picks the kept tokens. `observe`,
+        if given, is called per layer as observe(i, st, q, k, v, allowed, last_idx) with the layer's
+        input state and its post-RoPE q and repeated k/v (calibration records scores from it).
+        """
+        p = self.prefix
+        kv = [] if kv is None else kv
+        kept = [] if kept is None else kept
+        cos, sin = self.rotary_emb(st.h, st.pos)
+        allowed = causal_mask(st.key_valid)
+        for i in range(start, self.num_layers):
             if i in self.points:
-                h, pos, key_valid, vis_orig, n = self._prune(self.points[i], score, h, pos, key_valid, vis_orig, n)
-                kept.append(vis_orig)
-                cos, sin = self.rotary_emb(h, pos)
-                allowed = causal_mask(key_valid)
-            x = self.layers[i].input_layernorm(h)
+                st = self._prune(self.points[i], st)
+                kept.append(st.vis_orig)
+                cos, sin = self.rotary_emb(st.h, st.pos)
+                allowed = causal_mask(st.key_valid)
+            n = st.n
+            x = self.layers[i].input_layernorm(st.h)
             q, k, v = self._qkv(i, x, cos, sin)
             kv.append((k, v))
             kr, vr = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
             layer_allowed = allowed
             if 0 < i < self.sink_layers:
-                layer_allowed = allowed & ~self._text_visual_block(h.shape[1], p, n, h.device)
+                layer_allowed = allowed & ~self._text_visual_block(st.h.shape[1], p, n, st.h.device)
             attn = F.scaled_dot_product_attention(q, kr, vr, attn_mask=layer_allowed, scale=1 / math.sqrt(self.head_dim))
             if i == 0 and self.sink_layers > 0:
                 t0 = p + n
                 probs = scoring._probs(q[:, :, t0:], kr, allowed[:, :, t0:])
                 text_out = torch.matmul(self._sink_redirect(probs, p, n).to(vr.dtype), vr)
                 attn = torch.cat([attn[:, :, :t0], text_out], dim=2)
+            last_idx = p + n + st.text_len - 1
+            if observe is not None:
+                observe(i, st, q, kr, vr, allowed, last_idx)
             nxt = self.points.get(i + 1)
             score = None
             if nxt is not None and n > 0:
-                last_idx = p + n + text_len - 1
-                score = self._score(nxt.rule, q, kr, vr, allowed, key_valid, last_idx, p, n)
-            h = self._finish_layer(i, h, attn)
-        h = self.norm(h)
-        last_idx = p + n + text_len - 1
-        last = torch.gather(h, 1, last_idx[:, None, None].expand(b, 1, h.shape[-1]))[:, 0]
-        return PrefillOutput(self.lm_head(last), kv, kept, text_len)
+                score = self._score(nxt.rule, q, kr, vr, allowed, st.key_valid, last_idx, p, n)
+            st = replace(st, h=self._finish_layer(i, st.h, attn), score=score)
+        return st, kv, kept
+
+    def finish(self, st: "DecoderState") -> torch.Tensor:
+        """Final norm + lm_head at each sample's last valid position: (B, V)."""
+        h = self.norm(st.h)
+        last_idx = self.prefix + st.n + st.text_len - 1
+        last = torch.gather(h, 1, last_idx[:, None, None].expand(h.shape[0], 1, h.shape[-1]))[:, 0]
+        return self.lm_head(last)
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor
+    ) -> PrefillOutput:
+        st = self.start_state(input_ids, attention_mask, image_features)
+        st, kv, kept = self.run_layers(st)
+        return PrefillOutput(self.finish(st), kv, kept, st.text_len)
 
     @staticmethod
     def _text_visual_block(seq: int, p: int, n: int, device) -> torch.Tensor:
@@ -224,23 +266,25 @@ class PrunedLlava(nn.Module):
         vis_cols = (i >= p) & (i < p + n)
         return (text_rows[:, None] & vis_cols[None, :])[None, None]
 
-    def _prune(self, point, score, h, pos, key_valid, vis_orig, n):
-        p = self.prefix
+    def _prune(self, point, st: "DecoderState") -> "DecoderState":
+        p, n = self.prefix, st.n
         if point.rule == "drop_all":
             cut = lambda t: torch.cat([t[:, :p], t[:, p + n :]], dim=1)  # noqa: E731
-            return cut(h), cut(pos), cut(key_valid), vis_orig[:, :0], 0
-        b = h.shape[0]
+            return replace(st, h=cut(st.h), pos=cut(st.pos), key_valid=cut(st.key_valid),
+                           vis_orig=st.vis_orig[:, :0], n=0, score=None)
+        b = st.h.shape[0]
         if point.layer in self._fixed_idx:
-            sel = self._fixed_idx[point.layer].to(h.device)[None].expand(b, point.keep)
+            sel = self._fixed_idx[point.layer].to(st.h.device)[None].expand(b, point.keep)
         else:
-            sel = torch.topk(score, point.keep, dim=-1).indices.sort(dim=-1).values
+            sel = torch.topk(st.score, point.keep, dim=-1).indices.sort(dim=-1).values
 
         def take(t):
             span = t[:, p : p + n]
             idx = sel if t.dim() == 2 else sel[:, :, None].expand(b, point.keep, t.shape[-1])
             return torch.cat([t[:, :p], torch.gather(span, 1, idx), t[:, p + n :]], dim=1)
 
-        return take(h), take(pos), take(key_valid), torch.gather(vis_orig, 1, sel), point.keep
+        return replace(st, h=take(st.h), pos=take(st.pos), key_valid=take(st.key_valid),
+                       vis_orig=torch.gather(st.vis_orig, 1, sel), n=point.keep, score=None)
 
     # ------------------------------------------------------------------ decode
     def decode(
@@ -279,21 +323,11 @@ class PrunedLlava(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
-        max_new_tokens: int,
-        eos_token_id: int | None,
-    ) -> tuple[list[list[int]], PrefillOutput]:
-        """Greedy decoding; returns the new tokens of each sample (up to and excluding eos)."""
-        self.check_inputs(input_ids)
-        out = self.prefill(input_ids, attention_mask, self.encode_image(pixel_values))
-        b = input_ids.shape[0]
+    def greedy(self, logits, kv, attention_mask, text_len, max_new_tokens: int, eos_token_id: int | None):
+        """Greedy decoding from prefill logits/KV; the new tokens of each sample (up to, excluding, eos)."""
+        b = logits.shape[0]
         text_mask = attention_mask[:, self.prefix + self.visual_tokens :].to(torch.long)
-        next_pos = (self.prefix + self.visual_tokens + out.text_len)[:, None]
-        logits, kv = out.logits, out.kv
+        next_pos = (self.prefix + self.visual_tokens + text_len)[:, None]
         tokens: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         for step in range(max_new_tokens):
@@ -310,4 +344,19 @@ class PrunedLlava(nn.Module):
             text_mask = torch.cat([text_mask, torch.ones(b, 1, dtype=text_mask.dtype)], dim=1)
             logits, kv = self.decode(nxt[:, None], next_pos, text_mask, kv)
             next_pos = next_pos + 1
+        return tokens
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+    ) -> tuple[list[list[int]], PrefillOutput]:
+        """Greedy decoding; returns the new tokens of each sample (up to and excluding eos)."""
+        self.check_inputs(input_ids)
+        out = self.prefill(input_ids, attention_mask, self.encode_image(pixel_values))
+        tokens = self.greedy(out.logits, out.kv, attention_mask, out.text_len, max_new_tokens, eos_token_id)
         return tokens, out
