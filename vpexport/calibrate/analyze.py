@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from vpexport.calibrate.runner import Runner, accuracy
-from vpexport.model.pruned import PrunedLlava, causal_mask, repeat_kv
+from vpexport.model.pruned import PrunedLlava
 from vpexport.pruning.schedule import PrunePoint, Schedule
 
 FUSION_COS = 0.995
@@ -90,23 +90,15 @@ def layer_stats(pl: PrunedLlava, ids, mask, feats) -> list[dict]:
     """Per-layer per-sample statistics of one batch (dense model, eager attention)."""
     p, n = pl.prefix, pl.visual_tokens
     b, seq = ids.shape
-    h = pl.merge_embeddings(ids, feats)
-    key_valid = mask.to(torch.bool)
-    pos = torch.arange(seq)[None].expand(b, seq)
-    cos_, sin_ = pl.rotary_emb(h, pos)
-    allowed = causal_mask(key_valid)
-    text_len = mask[:, p + n :].sum(-1)
-    last_idx = p + n + text_len - 1
     idx = torch.arange(seq)
     group = torch.zeros(seq, dtype=torch.long)
     group[p : p + n] = 1
     group[p + n :] = 2
-    rows_valid = key_valid  # (B, S) valid query rows
+    rows_valid = mask.to(torch.bool)  # (B, S) valid query rows
     out = []
-    for i in range(pl.num_layers):
-        x = pl.layers[i].input_layernorm(h)
-        q, k, v = pl._qkv(i, x, cos_, sin_)
-        kr, vr = repeat_kv(k, pl.groups), repeat_kv(v, pl.groups)
+
+    # The layers run through PrunedLlava.run_layers; each layer's q/k/v are observed here.
+    def observe(i, state, q, kr, vr, allowed, last_idx):
         logits = torch.matmul(q, kr.transpose(-1, -2)) / math.sqrt(pl.head_dim)
         probs = torch.softmax(logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).float(), dim=-1)
         attn = torch.matmul(probs, vr)  # (B, H, S, hd)
@@ -144,7 +136,8 @@ def layer_stats(pl: PrunedLlava, ids, mask, feats) -> list[dict]:
         # and of the last token's attention (FastV's score)
         st["tokens_90_last"] = tokens_for_mass(pr_last[..., p : p + n].mean(1)).tolist()
         out.append(st)
-        h = pl._finish_layer(i, h, attn.to(h.dtype))
+
+    pl.run_layers(pl.start_state(ids, mask, feats), observe=observe)
     return out
 
 
