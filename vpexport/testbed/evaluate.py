@@ -70,21 +70,27 @@ def generate_answers(model, proc, records, template, max_new_tokens=20, batch_si
     return preds
 
 
-def _image_embeds(model, input_ids, pixel_values):
+def image_features(model, pixel_values):
+    """Projected visual tokens, (total tokens, text hidden), whatever transformers returns."""
     import torch
 
     cfg = model.config
-    emb = model.get_input_embeddings()(input_ids.clamp(max=model.config.text_config.vocab_size - 1))
     feats = model.model.get_image_features(
         pixel_values=pixel_values,
         vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
     )
-    if not torch.is_tensor(feats):
-        feats = getattr(feats, "pooler_output", None) if hasattr(feats, "pooler_output") else feats
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat(list(feats), 0)
-    feats = feats.reshape(-1, emb.shape[-1]).to(emb.dtype)
+    if not torch.is_tensor(feats) and hasattr(feats, "pooler_output"):
+        feats = feats.pooler_output
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def _image_embeds(model, input_ids, pixel_values):
+    cfg = model.config
+    emb = model.get_input_embeddings()(input_ids.clamp(max=cfg.text_config.vocab_size - 1))
+    feats = image_features(model, pixel_values).to(emb.dtype)
     mask = (input_ids == cfg.image_token_id)[..., None].expand_as(emb)
     return emb.masked_scatter(mask, feats)
 

@@ -116,7 +116,7 @@ def _lr(step, total, base, warmup):
 
 
 def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int = 300, batch: int = 32,
-          lr: float = 2e-3, att_layer: int = 3, att_weight: float = 1.0, threads: int = 2,
+          lr: float = 2e-3, att_layer: int = 3, att_weight: float = 1.0, probe_weight: float = 1.0, threads: int = 2,
           save_every: int = 250, log_every: int = 25, log_file: str | None = None, max_minutes: float = 115.0):
     import torch
     import torch.nn as nn
@@ -138,6 +138,10 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
     vcfg = model.config.vision_config
     Hv = vcfg.hidden_size
     heads = nn.ModuleDict({"digit": nn.Linear(Hv, 11), "row": nn.Linear(Hv, 3), "col": nn.Linear(Hv, 3)})
+    Ht = model.config.text_config.hidden_size
+    # language-side probes (not saved): digit identity must be readable (a) in the projected
+    # visual tokens and (b) in the residual stream right after the hinted lookup layer
+    probes = nn.ModuleDict({"proj": nn.Linear(Ht, 11), "lookup": nn.Linear(Ht, 11)})
     pr = torch.arange(NVIS) // D.NPATCH // D.SLOTS
     pc = torch.arange(NVIS) % D.NPATCH // D.SLOTS
     logf = open(log_file, "a") if log_file else None
@@ -163,11 +167,13 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
         cos, sin = captured["pe"]
         if cos.shape[0] != h.shape[0]:
             cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
+        B = h.shape[0]
         q = attn_mod.q_proj(h[ev_b, ev_t])[:, :hd]  # (E, hd)
-        k = attn_mod.k_proj(h[ev_b])[..., :hd]  # (E, L, hd)
+        k = attn_mod.k_proj(h)[..., :hd]  # (B, L, hd), head 0
         q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], cos[ev_b, ev_t][:, None],
                                     sin[ev_b, ev_t][:, None])
-        _, k = apply_rotary_pos_emb(k[:, None], k[:, None], cos[ev_b], sin[ev_b])
+        _, k = apply_rotary_pos_emb(k[:, None], k[:, None], cos, sin)
+        k = k[ev_b]  # (E, 1, L, hd)
         sc = (q[:, 0, 0, None, :] * k[:, 0]).sum(-1) * attn_mod.scaling  # (E, L)
         L = sc.shape[1]
         causal = torch.arange(L)[None] > ev_t[:, None]
@@ -183,8 +189,11 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
         out_v = model.model.vision_tower(pix, output_hidden_states=True)
         return out_v.hidden_states[model.config.vision_feature_layer][:, 1:]
 
-    def vision_loss(pix, patch_lab):
-        f = vision_feats(pix)
+    def _grab_vis(mod, args, outp):
+        captured["vis"] = outp.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+    def vision_loss(pix, patch_lab, f=None):
+        f = vision_feats(pix) if f is None else f
         B = f.shape[0]
         l_d = F.cross_entropy(heads["digit"](f).flatten(0, 1), patch_lab.flatten(), weight=cls_w)
         l_r = F.cross_entropy(heads["row"](f).flatten(0, 1), pr.repeat(B))
@@ -212,7 +221,7 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
     # ---- stage 2: everything
     vis_ids = {id(p) for p in model.model.vision_tower.parameters()}
     groups = [
-        {"params": [p for p in model.parameters() if id(p) not in vis_ids], "scale": 1.0},
+        {"params": [p for p in model.parameters() if id(p) not in vis_ids] + list(probes.parameters()), "scale": 1.0},
         {"params": list(model.model.vision_tower.parameters()) + list(heads.parameters()), "scale": 0.3},
     ]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -222,13 +231,15 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
                   "caption": {"question": D.CAPTION_QUESTION, "metric": "token_f1"}},
         "visual_tokens": NVIS,
         "training": {"seed": seed, "steps": steps, "vision_steps": vision_steps, "batch": batch, "lr": lr,
-                     "att_layer": att_layer, "att_weight": att_weight, "threads": threads,
+                     "att_layer": att_layer, "att_weight": att_weight, "probe_weight": probe_weight, "threads": threads,
                      "data": "sklearn load_digits, train split by source sample (vpexport.testbed.data)"},
     }
 
     def run_batch(b, train_mode=True):
-        outp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-                     use_cache=False)
+        # right padding + causal attention: pads never reach a real token, so no mask is needed
+        # (and SDPA without a mask is about 2x faster on CPU)
+        outp = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
+                     use_cache=False, output_hidden_states=True)
         logits = outp.logits[:, :-1]
         lab = b["labels"][:, 1:]
         l_lm = F.cross_entropy(logits.flatten(0, 1), lab.flatten(), ignore_index=-100)
@@ -237,10 +248,21 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
             rows = head0_rows(b["ev_b"], b["ev_t"])[:, b["img0"]: b["img0"] + NVIS]
             mass = (rows * b["ev_m"]).sum(-1)
             l_att = -(mass + 1e-6).log().mean()
+        l_probe = torch.zeros(())
+        if probe_weight > 0:
+            hs = outp.hidden_states
+            img = hs[0][:, b["img0"]: b["img0"] + NVIS]  # projected visual tokens as they enter layer 0
+            l_probe = F.cross_entropy(probes["proj"](img).flatten(0, 1), b["patch_lab"].flatten(), weight=cls_w)
+            if len(b["ev_b"]):
+                first = b["ev_m"].float().argmax(-1)  # first evidence patch of each hinted row
+                lab_ev = b["patch_lab"][b["ev_b"], first]
+                h_ev = hs[att_layer + 1][b["ev_b"], b["ev_t"]]
+                l_probe = l_probe + F.cross_entropy(probes["lookup"](h_ev), lab_ev)
         pred = logits.argmax(-1)
         ok = ((pred == lab) | (lab == -100)).all(-1).float().mean().item()
-        return l_lm, l_att, ok
+        return l_lm, l_att, l_probe, ok
 
+    model.model.vision_tower.register_forward_hook(_grab_vis)
     bar = tqdm(range(steps), desc="llava", mininterval=10)
     t2 = time.time()
     for step in bar:
@@ -248,9 +270,9 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
             g["lr"] = _lr(step, steps, lr, 100) * g["scale"]
         exs = sample_batch(rng, bank, pools["train"], batch)
         b = make_batch(enc, exs)
-        l_lm, l_att, ok = run_batch(b)
-        l_vis, _ = vision_loss(b["pixel_values"], b["patch_lab"])
-        loss = l_lm + att_weight * l_att + 0.3 * l_vis
+        l_lm, l_att, l_probe, ok = run_batch(b)
+        l_vis, _ = vision_loss(None, b["patch_lab"], captured["vis"])
+        loss = l_lm + att_weight * l_att + probe_weight * l_probe + 0.3 * l_vis
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -259,11 +281,12 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
             with torch.no_grad():
                 model.eval()
                 vb = make_batch(enc, val)
-                vl, va, vok = run_batch(vb)
+                vl, va, vp, vok = run_batch(vb)
                 model.train()
             kinds = np.array([e["kind"] for e in val])
             bar.set_postfix(lm=f"{l_lm.item():.3f}", att=f"{l_att.item():.3f}", val_ok=f"{vok:.2f}")
-            log(f"step {step} lm {l_lm.item():.4f} att {l_att.item():.4f} vis {l_vis.item():.4f} train_ok {ok:.3f} "
+            log(f"step {step} lm {l_lm.item():.4f} att {l_att.item():.4f} probe {l_probe.item():.4f} "
+                f"vis {l_vis.item():.4f} train_ok {ok:.3f} val_probe {vp.item():.4f} "
                 f"val_lm {vl.item():.4f} val_att {va.item():.4f} val_ok {vok:.3f} "
                 f"s/step {(time.time() - t2) / (step + 1):.2f} t {time.time() - t_start:.0f}s")
         if (step + 1) % save_every == 0 or step == steps - 1:
