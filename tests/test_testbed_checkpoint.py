@@ -58,3 +58,14 @@ def test_answers_eval_samples(loaded):
     cap = load_split(MINI / "caption" / "eval.jsonl")[:6]
     preds = generate_answers(model, proc, cap, meta["prompt_template"])
     assert sum(token_f1(p, r["answer"]) for p, r in zip(preds, cap)) / len(cap) >= 0.7
+
+
+def test_random_drop_reference_path(loaded):
+    """keep=1.0 through the manual layer loop reproduces plain HF generation."""
+    from vpexport.testbed.evaluate import generate_answers, random_drop_answers
+    from vpexport.testbed.metrics import load_split
+
+    model, proc, meta = loaded
+    recs = load_split(MINI / "vqa" / "eval.jsonl")[:6]
+    tpl = meta["prompt_template"]
+    assert random_drop_answers(model, proc, recs, tpl, keep=1.0) == generate_answers(model, proc, recs, tpl)

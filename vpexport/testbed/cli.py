@@ -42,14 +42,19 @@ def data_cmd(out, seed, n_train, n_calib, n_eval):
 @click.option("--save-every", default=250, show_default=True, type=int)
 @click.option("--max-minutes", default=115.0, show_default=True, type=float, help="Stop (and save) after this.")
 @click.option("--log-file", default=None, type=click.Path(dir_okay=False))
-def train_cmd(out, seed, steps, vision_steps, batch, lr, threads, save_every, max_minutes, log_file):
+@click.option("--caption-frac", default=0.5, show_default=True, type=float, help="Share of caption examples.")
+@click.option("--init-from", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Start from this checkpoint's weights (a second, continued phase).")
+def train_cmd(out, seed, steps, vision_steps, batch, lr, threads, save_every, max_minutes, log_file, caption_frac,
+              init_from):
     """Train the mini LLaVA on both tasks (deterministic for a seed and thread count)."""
     if steps < 1 or batch < 1 or vision_steps < 0:
         raise UserInputError("--steps and --batch must be >= 1, --vision-steps >= 0", field="--steps")
     from vpexport.testbed.train import train
 
     train(out, seed=seed, steps=steps, vision_steps=vision_steps, batch=batch, lr=lr, threads=threads,
-          save_every=save_every, max_minutes=max_minutes, log_file=log_file)
+          save_every=save_every, max_minutes=max_minutes, log_file=log_file, caption_frac=caption_frac,
+          init_from=init_from)
     click.echo(f"saved {out}")
 
 

@@ -61,6 +61,12 @@ class Encoder:
         elif ex.get("evidence"):
             for j in range(len(a) - 1):  # every answer token but eos
                 ev.append((n_prompt - 1 + j, ex["evidence"]))
+            if ex["kind"] in ("where", "exists"):
+                # also look the digit up where it is mentioned: the question's digit token itself
+                # attends to the patches holding that digit (a one-hop, content-keyed lookup)
+                d_tok = self.ids(ex["question"].split()[3])[0]
+                q_start = img0 + NVIS
+                ev.append((q_start + q.index(d_tok), ex["evidence"]))
         return ids, labels, img0, ev
 
 
@@ -117,7 +123,8 @@ def _lr(step, total, base, warmup):
 
 def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int = 300, batch: int = 32,
           lr: float = 2e-3, att_layer: int = 3, att_weight: float = 1.0, probe_weight: float = 1.0, threads: int = 2,
-          save_every: int = 250, log_every: int = 25, log_file: str | None = None, max_minutes: float = 115.0):
+          save_every: int = 250, log_every: int = 25, log_file: str | None = None, max_minutes: float = 115.0,
+          caption_frac: float = 0.5, init_from: str | Path | None = None):
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -128,6 +135,14 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
     out = Path(out)
     t_start = time.time()
     model, tok, proc = build_mini(seed)
+    init_meta = None
+    if init_from is not None:  # continue from a saved checkpoint (weights only; fresh optimizer)
+        from transformers import LlavaForConditionalGeneration
+
+        src = LlavaForConditionalGeneration.from_pretrained(init_from)
+        model.load_state_dict(src.state_dict())
+        del src
+        init_meta = json.loads((Path(init_from) / "vpexport_testbed.json").read_text()).get("training")
     model.set_attn_implementation("sdpa")
     enc = Encoder(tok)
     bank = D.load_digit_bank()
@@ -222,7 +237,9 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
     vis_ids = {id(p) for p in model.model.vision_tower.parameters()}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in vis_ids] + list(probes.parameters()), "scale": 1.0},
-        {"params": list(model.model.vision_tower.parameters()) + list(heads.parameters()), "scale": 0.3},
+        # a continued phase keeps the vision tower as it is (its per-patch heads are not saved)
+        {"params": list(model.model.vision_tower.parameters()) + list(heads.parameters()),
+         "scale": 0.0 if init_from is not None else 0.3},
     ]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     meta = {
@@ -232,6 +249,8 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
         "visual_tokens": NVIS,
         "training": {"seed": seed, "steps": steps, "vision_steps": vision_steps, "batch": batch, "lr": lr,
                      "att_layer": att_layer, "att_weight": att_weight, "probe_weight": probe_weight, "threads": threads,
+                     "caption_frac": caption_frac, "init_from": str(init_from) if init_from else None,
+                     "init_training": init_meta,
                      "data": "sklearn load_digits, train split by source sample (vpexport.testbed.data)"},
     }
 
@@ -268,7 +287,7 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, 100) * g["scale"]
-        exs = sample_batch(rng, bank, pools["train"], batch)
+        exs = sample_batch(rng, bank, pools["train"], batch, caption_frac)
         b = make_batch(enc, exs)
         l_lm, l_att, l_probe, ok = run_batch(b)
         l_vis, _ = vision_loss(None, b["patch_lab"], captured["vis"])
