@@ -215,7 +215,7 @@ def test_impossible_tolerance_exits_6_with_rejected_file(mini_recipe, tmp_path, 
 
     real = R.Runner.run
 
-    def pruned_always_wrong(self, schedule, min_accuracy=None, keep_logits=False, pl=None):
+    def pruned_always_wrong(self, schedule, min_accuracy=None, keep_logits=False, pl=None, reject=None):
         res = real(self, schedule, min_accuracy, keep_logits, pl)
         if schedule.points or (pl is not None and pl.points):
             res.scores = [0.0] * len(res.scores)
@@ -231,3 +231,36 @@ def test_impossible_tolerance_exits_6_with_rejected_file(mini_recipe, tmp_path, 
     assert not (out / "schedule.json").exists()
     rej = json.loads((out / "schedule.rejected.json").read_text())
     assert rej["best_candidates"] and all(c["within_tolerance"] is False for c in rej["best_candidates"])
+
+
+def test_dominated_candidates_are_skipped_and_paired_rejection():
+    """A schedule at least as aggressive as a failed one (same method/sink) is not evaluated; the
+    paired sequential test rejects a clearly worse candidate but never a matching one."""
+    from vpexport.arch.builtin import BUILTIN_ARCHS
+    from vpexport.arch.layout import PromptLayout
+    from vpexport.calibrate.search import REJECT_MIN_SAMPLES, Search
+
+    arch = BUILTIN_ARCHS["llava-1.5-7b"].spec()
+
+    class NoRunner:
+        samples = list(range(64))
+
+        def run(self, *a, **k):
+            raise AssertionError("a dominated candidate must not be evaluated")
+
+    s = Search(NoRunner(), arch, PromptLayout(35, 576, 40), ["himap"], tolerance=0.01, progress=False)
+    failed = s.make("himap", [(3, 288), (9, 72)])
+    failed.passed = False
+    s.failed.append(failed)
+    harsher = s.make("himap", [(2, 144), (9, 72)])
+    assert s.evaluate(harsher).passed is False and "skipped" in harsher.stage
+    milder = s.make("himap", [(3, 288), (10, 72)])  # later second point: not dominated
+    assert s.dominated_by_failure(milder) is None
+    other_method = s.make("fastv", [(2, 72)])
+    assert s.dominated_by_failure(other_method) is None
+
+    s.tol = 0.01
+    s.dense_scores = [1.0] * 64
+    assert s._reject([0.0] * REJECT_MIN_SAMPLES)  # every sample lost
+    assert not s._reject([1.0] * REJECT_MIN_SAMPLES)  # identical to dense
+    assert not s._reject([0.0] * (REJECT_MIN_SAMPLES - 1))  # too few samples to judge

@@ -142,9 +142,10 @@ class Runner:
 
     # ------------------------------------------------------------------ evaluation
     def run(self, schedule: Schedule, min_accuracy: float | None = None, keep_logits: bool = False,
-            pl: PrunedLlava | None = None) -> RunResult:
+            pl: PrunedLlava | None = None, reject=None) -> RunResult:
         """Per-sample scores of `schedule`. With `min_accuracy`, stop as soon as even a perfect
-        remainder could not reach it (the result is then marked incomplete)."""
+        remainder could not reach it; with `reject(scores_so_far) -> bool`, stop when it says so
+        after a batch (the result is then marked incomplete)."""
         pl = pl or self.model_for(schedule)
         dec = self.pipe.processor.tokenizer.decode
         total = len(self.samples)
@@ -158,9 +159,9 @@ class Runner:
                 pred = dec(t, skip_special_tokens=True).strip()
                 res.preds.append(pred)
                 res.scores.append(sample_score(self.task, pred, ref))
-            if min_accuracy is not None:
-                best = (sum(res.scores) + total - len(res.scores)) / total
-                if best < min_accuracy - 1e-9 and len(res.scores) < total:
+            if len(res.scores) < total:
+                hopeless = min_accuracy is not None and (sum(res.scores) + total - len(res.scores)) / total < min_accuracy - 1e-9
+                if hopeless or (reject is not None and reject(res.scores)):
                     res.complete = False
                     break
         return res

@@ -38,6 +38,11 @@ BASELINES = ("random", "uniform")
 COARSE = 2.0
 FINE = 2 ** 0.25
 MAX_SINK = 2
+# Paired sequential rejection: after each batch, a candidate whose mean per-sample drop against the
+# dense model exceeds the tolerance by REJECT_Z standard errors is dropped (it only ever makes the
+# search more conservative; the chosen schedule is still fully evaluated and confirmed).
+REJECT_Z = 3.0
+REJECT_MIN_SAMPLES = 32
 
 
 def set_threads() -> None:
@@ -104,6 +109,7 @@ class Search:
         self.L, self.N = arch.text.layers, arch.visual_tokens
         self._flops = lambda s: prefill_flops(arch, s, layout)["ratio"]
         self.tried: dict[tuple, Candidate] = {}
+        self.failed: list[Candidate] = []  # evaluated (or dominated) and not within tolerance
         self.progress = progress
         self.dense_acc = None
 
@@ -176,12 +182,45 @@ class Search:
         return out
 
     # ------------------------------------------------------------------ evaluation
+    def _aggression(self, s: Schedule):
+        """(group, vector): within a group, a schedule whose every coordinate is <= another's prunes
+        earlier and keeps fewer tokens, so (monotonicity) it is at least as harmful."""
+        keep_pts = [p for p in s.points if p.rule != "drop_all"]
+        exit_layer = next((p.layer for p in s.points if p.rule == "drop_all"), self.L)
+        vec = tuple(x for p in keep_pts for x in (p.layer, p.keep)) + (exit_layer,)
+        return (s.method, s.sink_layers, len(keep_pts)), vec
+
+    def dominated_by_failure(self, c: Candidate) -> Candidate | None:
+        g, v = self._aggression(c.schedule)
+        for f in self.failed:
+            fg, fv = self._aggression(f.schedule)
+            if fg == g and all(a <= b for a, b in zip(v, fv)):
+                return f
+        return None
+
+    def _reject(self, scores: list[float]) -> bool:
+        """Paired test against the dense model's per-sample scores on the same samples."""
+        n = len(scores)
+        if n < REJECT_MIN_SAMPLES:
+            return False
+        d = [a - b for a, b in zip(self.dense_scores[:n], scores)]
+        mean = sum(d) / n
+        var = sum((x - mean) ** 2 for x in d) / max(1, n - 1)
+        return mean - REJECT_Z * (var / n) ** 0.5 > self.tol
+
     def evaluate(self, c: Candidate) -> Candidate:
         if c.key in self.tried:
             return self.tried[c.key]
         from vpexport.calibrate.runner import accuracy
 
-        res = self.runner.run(c.schedule, min_accuracy=self.dense_acc - self.tol)
+        f = self.dominated_by_failure(c)
+        if f is not None:
+            c.passed, c.complete, c.samples = False, False, 0
+            c.stage += f" (skipped: at least as aggressive as failed {f.key[1]})"
+            self.tried[c.key] = c
+            self.failed.append(c)
+            return c
+        res = self.runner.run(c.schedule, min_accuracy=self.dense_acc - self.tol, reject=self._reject)
         c.samples, c.complete = len(res.scores), res.complete
         c.accuracy = accuracy(res.scores) if res.complete else None
         if res.complete:
@@ -192,6 +231,8 @@ class Search:
             total = len(self.runner.samples)
             c.drop = self.dense_acc - (sum(res.scores) + total - len(res.scores)) / total
             c.passed = False
+        if not c.passed:
+            self.failed.append(c)
         self.tried[c.key] = c
         return c
 
@@ -235,6 +276,7 @@ class Search:
         from vpexport.calibrate.runner import accuracy
 
         self.dense_acc = accuracy(dense.scores)
+        self.dense_scores = dense.scores
         best = self.first_pass(self.coarse(), None, "calibrate coarse")
         if best is None:
             return None
