@@ -51,6 +51,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; servers (Triton containers) read as other users
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
