@@ -12,6 +12,8 @@ MAIN_METRIC = {"vqa": "exact_match", "caption": "token_f1"}
 
 
 def normalize(text: str) -> str:
+    """Lower-case; drop special tokens (</s>, <pad>, <unk>) and punctuation; collapse whitespace."""
+    text = re.sub(r"</?s>|<pad>|<unk>", " ", text or "")
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 

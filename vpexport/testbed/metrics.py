@@ -3,36 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter
 from pathlib import Path
 
 from vpexport.errors import UserInputError
-
-
-def normalize(text: str) -> str:
-    """Lower-case, drop special tokens like </s>, collapse whitespace, strip trailing punctuation."""
-    text = re.sub(r"</?s>|<pad>|<unk>", " ", text or "")
-    text = " ".join(text.lower().split())
-    return text.strip(" .,;:!?")
-
-
-def exact_match(pred: str, ref: str) -> float:
-    return float(normalize(pred) == normalize(ref))
-
-
-def token_f1(pred: str, ref: str) -> float:
-    """SQuAD-style bag-of-tokens F1 over whitespace tokens."""
-    p, r = normalize(pred).split(), normalize(ref).split()
-    if not p and not r:
-        return 1.0
-    if not p or not r:
-        return 0.0
-    common = sum((Counter(p) & Counter(r)).values())
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
+from vpexport.evaluation import exact_match, normalize, token_f1  # noqa: F401  (one definition, re-exported)
 
 
 def load_split(jsonl_path: str | Path) -> list[dict]:
