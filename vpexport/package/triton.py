@@ -389,20 +389,15 @@ def check_model(folder: Path, repo_models: dict) -> list[str]:
         problems.append(f"{where}: give a platform or a backend")
         return problems
     model_file = None
-    if cfg.platform:
-        if cfg.platform not in PLATFORMS:
-            close = difflib.get_close_matches(cfg.platform, list(PLATFORMS), n=1)
-            problems.append(f"{where}: unknown platform {cfg.platform!r}"
-                            + (f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(PLATFORMS)})"))
+    for kind, value, table in (("platform", cfg.platform, PLATFORMS), ("backend", cfg.backend, BACKENDS)):
+        if not value:
+            continue
+        if value not in table:
+            close = difflib.get_close_matches(value, list(table), n=1)
+            problems.append(f"{where}: unknown {kind} {value!r}"
+                            + (f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(table)})"))
             return problems
-        model_file = PLATFORMS[cfg.platform]
-    if cfg.backend:
-        if cfg.backend not in BACKENDS:
-            close = difflib.get_close_matches(cfg.backend, list(BACKENDS), n=1)
-            problems.append(f"{where}: unknown backend {cfg.backend!r}"
-                            + (f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(BACKENDS)})"))
-            return problems
-        model_file = model_file or BACKENDS[cfg.backend]
+        model_file = model_file or table[value]
     if cfg.default_model_filename:
         model_file = cfg.default_model_filename
     if cfg.max_batch_size < 0:

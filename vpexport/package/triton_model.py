@@ -65,15 +65,9 @@ def _dlpack_to_numpy(t):
 
 def _runtime_with_graphs(art, graphs):
     """ArtifactRuntime reading its assets from `art`, running its graphs through `graphs`."""
-    import vpexport.runtime.session as session
     from vpexport.runtime.generate import ArtifactRuntime
 
-    real = session.Graphs
-    session.Graphs = lambda *a, **k: graphs
-    try:
-        return ArtifactRuntime(art, provider="cpu", verify=True)
-    finally:
-        session.Graphs = real
+    return ArtifactRuntime(art, provider="cpu", verify=True, graphs=graphs)
 
 
 class TritonPythonModel:

@@ -25,7 +25,10 @@ class PrefillResult:
 
 
 class ArtifactRuntime:
-    def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None, verify: bool = True):
+    def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None, verify: bool = True,
+                 graphs=None):
+        """`graphs`: anything with `Graphs`' run(name, feeds) interface (e.g. Triton BLS requests);
+        default: ONNX Runtime sessions, or TensorRT engines for provider tensorrt when built."""
         from vpexport.manifest import read_manifest
         from vpexport.runtime.preprocess import Preprocessor
         from vpexport.runtime.session import Graphs
@@ -46,13 +49,16 @@ class ArtifactRuntime:
                 raise
             raise ArtifactError(f"cannot read the runtime assets in {rt}: {type(e).__name__}: {str(e)[:200]}",
                                 field="artifacts", fix="re-run `vpexport export`") from None
-        from vpexport.runtime.trt_session import TrtGraphs, has_engines
-
-        # --provider tensorrt: the TensorRT plans of `vpexport engine` when built, else ORT's TensorRT EP
-        if provider == "tensorrt" and has_engines(self.dir):
-            self.graphs = TrtGraphs(self.dir, self.manifest)
+        if graphs is not None:
+            self.graphs = graphs
         else:
-            self.graphs = Graphs(self.dir / "onnx", provider, threads)
+            from vpexport.runtime.trt_session import TrtGraphs, has_engines
+
+            # --provider tensorrt: the TensorRT plans of `vpexport engine` when built, else ORT's TensorRT EP
+            if provider == "tensorrt" and has_engines(self.dir):
+                self.graphs = TrtGraphs(self.dir, self.manifest)
+            else:
+                self.graphs = Graphs(self.dir / "onnx", provider, threads)
         g = self.gen
         self.prefix, self.visual = int(g["prefix"]), int(g["visual_tokens"])
         self.num_layers = int(g["num_layers"])

@@ -57,9 +57,13 @@ class Graphs:
     NAMES = ("vision", "prefill", "decode")
 
     def __init__(self, onnx_dir: str | Path, provider: str = "cpu", threads: int | None = None):
-        self.sessions = {n: make_session(Path(onnx_dir) / f"{n}.onnx", provider, threads) for n in self.NAMES}
-        self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
-        self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
+        self._bind({n: make_session(Path(onnx_dir) / f"{n}.onnx", provider, threads) for n in self.NAMES})
+
+    def _bind(self, sessions: dict) -> None:
+        """Sessions with ORT's interface (get_inputs/get_outputs/run), indexed by graph name."""
+        self.sessions = sessions
+        self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in sessions.items()}
+        self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in sessions.items()}
 
     def run(self, name: str, feeds: dict) -> dict:
         s = self.sessions[name]

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from vpexport.errors import ArtifactError, RuntimeUnavailable, UserInputError
+from vpexport.runtime.session import Graphs
 
 NEEDS = "--provider tensorrt with engines needs an NVIDIA GPU with TensorRT >= 10"
 
@@ -193,10 +194,8 @@ class TrtSession:
             pass
 
 
-class TrtGraphs:
+class TrtGraphs(Graphs):
     """The artifact folder's engines with `Graphs`' interface: run(name, feeds) -> {output: array}."""
-
-    NAMES = ("vision", "prefill", "decode")
 
     def __init__(self, artifact_dir: str | Path, manifest: dict | None = None, warn=None):
         from vpexport.engine.build import current_environment, require_gpu
@@ -217,18 +216,11 @@ class TrtGraphs:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         if section.get("version_compatible"):
             runtime.engine_host_code_allowed = True
-        self.sessions = {
+        self._bind({
             n: TrtSession(art / plans[n], trt=trt, runtime=runtime, version_compatible=bool(section.get("version_compatible")))
             for n in self.NAMES
-        }
+        })
         self._runtime = runtime
-        self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
-        self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
-
-    def run(self, name: str, feeds: dict) -> dict:
-        s = self.sessions[name]
-        outs = s.run(None, {k: feeds[k] for k in self.inputs[name]})
-        return dict(zip(self.outputs[name], outs))
 
     def close(self) -> None:
         for s in self.sessions.values():
