@@ -45,17 +45,43 @@ def data_cmd(out, seed, n_train, n_calib, n_eval):
 @click.option("--caption-frac", default=0.5, show_default=True, type=float, help="Share of caption examples.")
 @click.option("--init-from", default=None, type=click.Path(exists=True, file_okay=False),
               help="Start from this checkpoint's weights (a second, continued phase).")
+@click.option("--vqa-mix", default=None, metavar="KIND=W,...",
+              help="Relative weights of the vqa question kinds (cell, where, exists, count); default "
+                   "cell=0.4,where=0.2,exists=0.2,count=0.2.")
 def train_cmd(out, seed, steps, vision_steps, batch, lr, threads, save_every, max_minutes, log_file, caption_frac,
-              init_from):
+              init_from, vqa_mix):
     """Train the mini LLaVA on both tasks (deterministic for a seed and thread count)."""
     if steps < 1 or batch < 1 or vision_steps < 0:
         raise UserInputError("--steps and --batch must be >= 1, --vision-steps >= 0", field="--steps")
+    weights = _parse_vqa_mix(vqa_mix)
     from vpexport.testbed.train import train
 
     train(out, seed=seed, steps=steps, vision_steps=vision_steps, batch=batch, lr=lr, threads=threads,
           save_every=save_every, max_minutes=max_minutes, log_file=log_file, caption_frac=caption_frac,
-          init_from=init_from)
+          init_from=init_from, vqa_weights=weights)
     click.echo(f"saved {out}")
+
+
+def _parse_vqa_mix(text: str | None) -> tuple[float, ...]:
+    from vpexport.testbed.data import VQA_KINDS, VQA_WEIGHTS
+
+    if not text:
+        return VQA_WEIGHTS
+    mix = dict.fromkeys(VQA_KINDS, 0.0)
+    for part in text.split(","):
+        kind, _, w = part.partition("=")
+        kind = kind.strip()
+        if kind not in mix:
+            raise UserInputError(f"unknown question kind {kind!r}; use {', '.join(VQA_KINDS)}", field="--vqa-mix")
+        try:
+            mix[kind] = float(w)
+        except ValueError:
+            raise UserInputError(f"weight of {kind!r} is not a number: {w!r}", field="--vqa-mix") from None
+    total = sum(mix.values())
+    if total <= 0 or min(mix.values()) < 0:
+        raise UserInputError("weights must be >= 0 with a positive sum, e.g. cell=0.3,where=0.3,exists=0.3,count=0.1",
+                             field="--vqa-mix")
+    return tuple(mix[k] / total for k in VQA_KINDS)
 
 
 @testbed.command("eval")

@@ -110,9 +110,9 @@ def caption_answer(s: Scene) -> str:
     return " ".join(f"{cell_name(c)} {s.digits[c]}" for c in sorted(s.digits))
 
 
-def make_vqa(rng: np.random.RandomState, s: Scene) -> tuple[str, str, str, list[int]]:
-    """Returns (kind, question, answer, evidence patch indices)."""
-    kind = VQA_KINDS[rng.choice(len(VQA_KINDS), p=VQA_WEIGHTS)]
+def make_vqa(rng: np.random.RandomState, s: Scene, weights=VQA_WEIGHTS) -> tuple[str, str, str, list[int]]:
+    """Returns (kind, question, answer, evidence patch indices); `weights` follow VQA_KINDS."""
+    kind = VQA_KINDS[rng.choice(len(VQA_KINDS), p=weights)]
     vals = list(s.digits.values())
     once = [d for d in range(10) if vals.count(d) == 1]
     if kind == "where" and not once:
@@ -138,12 +138,12 @@ def make_vqa(rng: np.random.RandomState, s: Scene) -> tuple[str, str, str, list[
     return "count", "how many digits are there ?", str(len(s.digits)), []
 
 
-def sample(rng, imgs, labels, pool, task: str):
+def sample(rng, imgs, labels, pool, task: str, vqa_weights=VQA_WEIGHTS):
     """One example: dict with scene, question, answer, kind, evidence."""
     s = make_scene(rng, imgs, labels, pool)
     if task == "caption":
         return {"scene": s, "kind": "caption", "question": CAPTION_QUESTION, "answer": caption_answer(s)}
-    kind, q, a, ev = make_vqa(rng, s)
+    kind, q, a, ev = make_vqa(rng, s, vqa_weights)
     return {"scene": s, "kind": kind, "question": q, "answer": a, "evidence": ev}
 
 

@@ -51,6 +51,7 @@ class Encoder:
         img0 = len(self.prefix)
         # attention evidence: (position predicting a token, patch indices)
         ev = []
+        match = []  # (position, 1 if the question's digit is in the image) for "is there a d"
         s = ex["scene"]
         if ex["kind"] == "caption":
             pos = n_prompt - 1
@@ -67,7 +68,11 @@ class Encoder:
                 d_tok = self.ids(ex["question"].split()[3])[0]
                 q_start = img0 + NVIS
                 ev.append((q_start + q.index(d_tok), ex["evidence"]))
-        return ids, labels, img0, ev
+        if ex["kind"] == "exists":
+            d_tok = self.ids(ex["question"].split()[3])[0]
+            y = int(ex["answer"] == "yes")
+            match = [(img0 + NVIS + q.index(d_tok), y), (n_prompt - 1, y)]
+        return ids, labels, img0, ev, match
 
 
 def pixels(images: list[np.ndarray]):
@@ -87,8 +92,9 @@ def make_batch(enc: Encoder, exs):
     lab = torch.full((B, L), -100, dtype=torch.long)
     am = torch.zeros((B, L), dtype=torch.long)
     ev_b, ev_t, ev_p = [], [], []  # flattened evidence: batch, position, patch mask row
+    m_b, m_t, m_y = [], [], []  # flattened "is the asked digit present" targets
     masks = []
-    for i, (x, y, img0, ev) in enumerate(rows):
+    for i, (x, y, img0, ev, match) in enumerate(rows):
         ids[i, : len(x)] = torch.tensor(x)
         lab[i, : len(y)] = torch.tensor(y)
         am[i, : len(x)] = 1
@@ -98,6 +104,10 @@ def make_batch(enc: Encoder, exs):
             ev_b.append(i)
             ev_t.append(pos)
             masks.append(m)
+        for pos, yes in match:
+            m_b.append(i)
+            m_t.append(pos)
+            m_y.append(yes)
     img0 = rows[0][2]
     patch_lab = torch.from_numpy(np.stack([e["scene"].patch_labels() for e in exs]))
     return {
@@ -106,12 +116,15 @@ def make_batch(enc: Encoder, exs):
         "ev_b": torch.tensor(ev_b, dtype=torch.long), "ev_t": torch.tensor(ev_t, dtype=torch.long),
         "ev_m": torch.stack(masks) if masks else torch.zeros((0, NVIS), dtype=torch.bool),
         "img0": img0, "patch_lab": patch_lab,
+        "m_b": torch.tensor(m_b, dtype=torch.long), "m_t": torch.tensor(m_t, dtype=torch.long),
+        "m_y": torch.tensor(m_y, dtype=torch.long),
     }
 
 
-def sample_batch(rng, bank, pool, n, caption_frac=0.5):
+def sample_batch(rng, bank, pool, n, caption_frac=0.5, vqa_weights=D.VQA_WEIGHTS):
     imgs, labels = bank
-    return [D.sample(rng, imgs, labels, pool, "caption" if rng.rand() < caption_frac else "vqa") for _ in range(n)]
+    return [D.sample(rng, imgs, labels, pool, "caption" if rng.rand() < caption_frac else "vqa", vqa_weights)
+            for _ in range(n)]
 
 
 def _lr(step, total, base, warmup):
@@ -124,7 +137,7 @@ def _lr(step, total, base, warmup):
 def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int = 300, batch: int = 32,
           lr: float = 2e-3, att_layer: int = 3, att_weight: float = 1.0, probe_weight: float = 1.0, threads: int = 2,
           save_every: int = 250, log_every: int = 25, log_file: str | None = None, max_minutes: float = 115.0,
-          caption_frac: float = 0.5, init_from: str | Path | None = None):
+          caption_frac: float = 0.5, init_from: str | Path | None = None, vqa_weights=D.VQA_WEIGHTS):
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -156,7 +169,11 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
     Ht = model.config.text_config.hidden_size
     # language-side probes (not saved): digit identity must be readable (a) in the projected
     # visual tokens and (b) in the residual stream right after the hinted lookup layer
-    probes = nn.ModuleDict({"proj": nn.Linear(Ht, 11), "lookup": nn.Linear(Ht, 11)})
+    # (c) the looked-up patch's cell row/column (what "where is d" answers), and (d) one layer
+    # later, whether the asked digit is present at all ("is there a d": the looked-up digit must
+    # be compared with the question's; measured, without (c)/(d) both stayed near chance)
+    probes = nn.ModuleDict({"proj": nn.Linear(Ht, 11), "lookup": nn.Linear(Ht, 11), "row": nn.Linear(Ht, 3),
+                            "col": nn.Linear(Ht, 3), "match": nn.Linear(Ht, 2)})
     pr = torch.arange(NVIS) // D.NPATCH // D.SLOTS
     pc = torch.arange(NVIS) % D.NPATCH // D.SLOTS
     logf = open(log_file, "a") if log_file else None
@@ -235,11 +252,15 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
 
     # ---- stage 2: everything
     vis_ids = {id(p) for p in model.model.vision_tower.parameters()}
+    # a continued phase keeps the vision tower as it is (its per-patch heads are not saved):
+    # frozen, it needs no backward pass either
+    train_vision = init_from is None
+    if not train_vision:
+        model.model.vision_tower.requires_grad_(False)
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in vis_ids] + list(probes.parameters()), "scale": 1.0},
-        # a continued phase keeps the vision tower as it is (its per-patch heads are not saved)
         {"params": list(model.model.vision_tower.parameters()) + list(heads.parameters()),
-         "scale": 0.0 if init_from is not None else 0.3},
+         "scale": 0.3 if train_vision else 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     meta = {
@@ -249,7 +270,8 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
         "visual_tokens": NVIS,
         "training": {"seed": seed, "steps": steps, "vision_steps": vision_steps, "batch": batch, "lr": lr,
                      "att_layer": att_layer, "att_weight": att_weight, "probe_weight": probe_weight, "threads": threads,
-                     "caption_frac": caption_frac, "init_from": str(init_from) if init_from else None,
+                     "caption_frac": caption_frac, "vqa_weights": dict(zip(D.VQA_KINDS, map(float, vqa_weights))),
+                     "init_from": str(init_from) if init_from else None,
                      "init_training": init_meta,
                      "data": "sklearn load_digits, train split by source sample (vpexport.testbed.data)"},
     }
@@ -277,6 +299,11 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
                 lab_ev = b["patch_lab"][b["ev_b"], first]
                 h_ev = hs[att_layer + 1][b["ev_b"], b["ev_t"]]
                 l_probe = l_probe + F.cross_entropy(probes["lookup"](h_ev), lab_ev)
+                l_probe = l_probe + 0.5 * (F.cross_entropy(probes["row"](h_ev), pr[first])
+                                           + F.cross_entropy(probes["col"](h_ev), pc[first]))
+            if len(b["m_b"]):
+                h_m = hs[min(att_layer + 2, len(hs) - 1)][b["m_b"], b["m_t"]]
+                l_probe = l_probe + F.cross_entropy(probes["match"](h_m), b["m_y"])
         pred = logits.argmax(-1)
         ok = ((pred == lab) | (lab == -100)).all(-1).float().mean().item()
         return l_lm, l_att, l_probe, ok
@@ -287,10 +314,10 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, 100) * g["scale"]
-        exs = sample_batch(rng, bank, pools["train"], batch, caption_frac)
+        exs = sample_batch(rng, bank, pools["train"], batch, caption_frac, vqa_weights)
         b = make_batch(enc, exs)
         l_lm, l_att, l_probe, ok = run_batch(b)
-        l_vis, _ = vision_loss(None, b["patch_lab"], captured["vis"])
+        l_vis = vision_loss(None, b["patch_lab"], captured["vis"])[0] if train_vision else torch.zeros(())
         loss = l_lm + att_weight * l_att + probe_weight * l_probe + 0.3 * l_vis
         opt.zero_grad()
         loss.backward()
