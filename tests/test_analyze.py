@@ -61,7 +61,7 @@ def _masked_forward(pl: PrunedLlava, ids, mask, feats, block_from: int):
     b, seq = ids.shape
     h = pl.merge_embeddings(ids, feats)
     pos = torch.arange(seq)[None].expand(b, seq)
-    cos, sin = pl.rotary_emb(h, pos)
+    cos, sin = pl.rope(h, pos)
     allowed = causal_mask(mask.bool())
     for i in range(pl.num_layers):
         q, k, v = pl._qkv(i, pl.layers[i].input_layernorm(h), cos, sin)

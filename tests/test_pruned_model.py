@@ -147,3 +147,34 @@ def test_image_span_is_checked():
     ids, mask, px = make_batch(model, [4])
     with pytest.raises(UserInputError, match="image tokens"):
         pm.generate(ids, mask, px, max_new_tokens=2, eos_token_id=2)
+
+
+@pytest.mark.parametrize("method", ["none", "himap", "visipruner"])
+def test_causal_row_blocks_match_full_attention(method, monkeypatch):
+    """Prefill attention split into causal row blocks (PrunedLlava._attn_blocks) equals one block.
+
+    The tiny model's [prefix][visual] head (41 rows) is below the default block size, so the block
+    size is lowered here to cut it into several blocks, at every segment."""
+    import vpexport.model.pruned as pruned_mod
+
+    model = tiny_llava("llama")
+    sched = Schedule("none") if method == "none" else SCHEDULES[method]
+    ids, mask, px = make_batch(model, [7, 3, 5], seed=6)
+    outs = {}
+    for rows in (10**6, 8):
+        monkeypatch.setattr(pruned_mod, "ATTN_BLOCK_ROWS", rows)
+        pm = PrunedLlava(model, sched, prefix=PREFIX)
+        with torch.no_grad():
+            outs[rows] = pm.prefill(ids, mask, pm.encode_image(px))
+    bias = torch.zeros(1, 1, 50, 50)
+    assert len(pm._attn_blocks(bias, PREFIX + N)) > 2  # several blocks in the run above
+    full, blocked = outs[10**6], outs[8]
+    assert (full.logits - blocked.logits).abs().max().item() < 1e-5
+    for (k0, v0), (k1, v1) in zip(full.kv, blocked.kv):
+        assert (k0 - k1).abs().max().item() < 1e-5 and (v0 - v1).abs().max().item() < 1e-5
+    for a, b in zip(full.kept, blocked.kept):
+        assert torch.equal(a, b)
+    if method == "none":
+        with torch.no_grad():
+            ref = _hf_last_logits(model, ids, mask, px)
+        assert (blocked.logits - ref).abs().max().item() < 1e-5

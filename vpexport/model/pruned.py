@@ -25,14 +25,29 @@ from vpexport.model import scoring
 from vpexport.pruning.schedule import Schedule
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF rotary (cos, sin) (B, L, hd) -> (B, 1, L, hd) tables for `apply_rope`, made once per segment.
+
+    rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2]: the sign moves into the table, so
+    each layer's RoPE is two constant-bound slices, a concat and the multiply-adds (no Neg, and no
+    Shape arithmetic that `chunk` traces into for every layer). `head_dim` is a Python int for the
+    same reason: a traced size would make the slice bounds computed values.
+    """
+    half = head_dim // 2
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
-def apply_rope(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+def swap_halves(x: torch.Tensor, half: int) -> torch.Tensor:
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(q, k, cos, sin, head_dim: int):
+    """`cos`, `sin` from `rope_tables`; `head_dim` a Python int so the slices export with constant bounds."""
+    if cos.dim() != 4:
+        raise ValueError("apply_rope takes the (B, 1, L, hd) tables of rope_tables")
+    half = head_dim // 2
+    return q * cos + swap_halves(q, half) * sin, k * cos + swap_halves(k, half) * sin
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -46,6 +61,24 @@ def causal_mask(key_valid: torch.Tensor) -> torch.Tensor:
     """(B, L) bool -> (B, 1, L, L) bool, True where query i may attend key j (j <= i and j valid)."""
     i = torch.arange(key_valid.shape[1], device=key_valid.device)
     return (i[:, None] >= i[None, :])[None, None] & key_valid[:, None, None, :]
+
+
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask -> additive mask (0 allowed, dtype's min elsewhere), built once per segment.
+
+    A bool attn_mask makes the exporter's SDPA write Where(mask, 0, -inf) and, after the Softmax,
+    Where(IsNaN(p), 0, p) in every layer: two more passes over each (B, H, L, L) block. The NaN guard
+    is for rows with no allowed key; causal rows always allow the first key (the prompt is
+    right-padded), so an additive mask gives the same probabilities without it.
+    """
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device),
+                       torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device))
+
+
+# Causal row blocks in prefill attention (see PrunedLlava._attend): blocks of at least this many query
+# rows (smaller blocks cost more in per-op overhead than the masked work they skip), at most this many.
+ATTN_BLOCK_ROWS = 64
+ATTN_MAX_BLOCKS = 8
 
 
 @dataclass
@@ -129,14 +162,48 @@ class PrunedLlava(nn.Module):
         return self.projector(h)
 
     # ------------------------------------------------------------------ decoder pieces
+    def rope(self, h: torch.Tensor, pos: torch.Tensor):
+        """RoPE tables for a segment's original positions (see `rope_tables`)."""
+        return rope_tables(*self.rotary_emb(h, pos), self.head_dim)
+
     def _qkv(self, i: int, x: torch.Tensor, cos, sin):
+        """`cos`, `sin`: the segment's tables from `rope`."""
         qp, kp, vp, _ = self.adapter.attention_parts(self.layers[i])
         b, l, _ = x.shape
         q = qp(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
         k = kp(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = vp(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin, self.head_dim)
         return q, k, v
+
+    @staticmethod
+    def _attn_blocks(bias: torch.Tensor, head: int) -> list:
+        """Causal row blocks of a segment's prefill attention: [(a, b, bias[:, :, a:b, :b])], the last
+        block (the rest of the head and the text) as (a, None, bias[:, :, a:]).
+
+        Query rows [a, b) with b <= head (the static [prefix][visual] span) cannot see keys at or
+        after b, so their block runs against keys [0, b) only: every key left out has zero
+        probability, the result is the full attention's, with about (c + 1) / 2c of its QK^T,
+        softmax and PV work for c blocks. Bounds are Python ints (static in the graph, in dynamic
+        text mode too); the bias blocks are cut once per segment, not per layer.
+        """
+        c = min(head // ATTN_BLOCK_ROWS, ATTN_MAX_BLOCKS)
+        bounds = [0] + ([head * j // c for j in range(1, c)] if c >= 2 else [])
+        blocks = [(a, b, bias[:, :, a:b, :b]) for a, b in zip(bounds, bounds[1:])]
+        a = bounds[-1]
+        blocks.append((a, None, bias[:, :, a:] if a else bias))
+        return blocks
+
+    def _attend(self, q, k, v, blocks: list) -> torch.Tensor:
+        scale = 1 / math.sqrt(self.head_dim)
+        outs = []
+        for a, b, m in blocks:
+            if b is None:
+                qa = q[:, :, a:] if a else q
+                outs.append(F.scaled_dot_product_attention(qa, k, v, attn_mask=m, scale=scale))
+            else:
+                outs.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], attn_mask=m, scale=scale))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _finish_layer(self, i: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
@@ -213,23 +280,26 @@ class PrunedLlava(nn.Module):
         p = self.prefix
         kv = [] if kv is None else kv
         kept = [] if kept is None else kept
-        cos, sin = self.rotary_emb(st.h, st.pos)
+        cos, sin = self.rope(st.h, st.pos)
         allowed = causal_mask(st.key_valid)
+        blocks = self._attn_blocks(attention_bias(allowed, st.h.dtype), p + st.n)
         for i in range(start, self.num_layers):
             if i in self.points:
                 st = self._prune(self.points[i], st)
                 kept.append(st.vis_orig)
-                cos, sin = self.rotary_emb(st.h, st.pos)
+                cos, sin = self.rope(st.h, st.pos)
                 allowed = causal_mask(st.key_valid)
+                blocks = self._attn_blocks(attention_bias(allowed, st.h.dtype), p + st.n)
             n = st.n
             x = self.layers[i].input_layernorm(st.h)
             q, k, v = self._qkv(i, x, cos, sin)
             kv.append((k, v))
             kr, vr = repeat_kv(k, self.groups), repeat_kv(v, self.groups)
-            layer_allowed = allowed
+            layer_blocks = blocks
             if 0 < i < self.sink_layers:
-                layer_allowed = allowed & ~self._text_visual_block(st.h.shape[1], p, n, st.h.device)
-            attn = F.scaled_dot_product_attention(q, kr, vr, attn_mask=layer_allowed, scale=1 / math.sqrt(self.head_dim))
+                sink_allowed = allowed & ~self._text_visual_block(st.h.shape[1], p, n, st.h.device)
+                layer_blocks = self._attn_blocks(attention_bias(sink_allowed, q.dtype), p + n)
+            attn = self._attend(q, kr, vr, layer_blocks)
             if i == 0 and self.sink_layers > 0:
                 t0 = p + n
                 probs = scoring._probs(q[:, :, t0:], kr, allowed[:, :, t0:])
@@ -296,7 +366,7 @@ class PrunedLlava(nn.Module):
     ):
         h = self.embed_tokens(input_ids)
         b = h.shape[0]
-        cos, sin = self.rotary_emb(h, position_ids)
+        cos, sin = self.rope(h, position_ids)
         tm = text_mask.to(torch.bool)
         p = self.prefix
         new_kv = []
