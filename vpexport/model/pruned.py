@@ -29,9 +29,9 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> tuple[to
     """HF rotary (cos, sin) (B, L, hd) -> (B, 1, L, hd) tables for `apply_rope`, made once per segment.
 
     rotate_half(x) * sin == swap_halves(x) * [-sin_1, sin_2]: the sign moves into the table, so
-    each layer's RoPE is two constant-bound slices, a concat and the multiply-adds (no Neg, and no
-    Shape arithmetic that `chunk` traces into for every layer). `head_dim` is a Python int for the
-    same reason: a traced size would make the slice bounds computed values.
+    each layer's RoPE is one half-swap and the multiply-adds (no Neg, and none of the Shape
+    arithmetic that `chunk` traces into for every layer). `head_dim` is a Python int: a traced
+    size would make the slice bounds computed values.
     """
     half = head_dim // 2
     sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
@@ -39,7 +39,9 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> tuple[to
 
 
 def swap_halves(x: torch.Tensor, half: int) -> torch.Tensor:
-    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    """[x1, x2] -> [x2, x1] on the last axis. As a reversed slice of a (.., 2, half) view it exports
+    as one Slice (step -1) between free Reshapes: one copy pass instead of two slices and a concat."""
+    return x.reshape(-1, 2, half).flip(1).view_as(x)
 
 
 def apply_rope(q, k, cos, sin, head_dim: int):
