@@ -63,6 +63,18 @@ def test_where_targets(enc):
         assert D.cell_name((row // D.SLOTS) * D.GRID + col // D.SLOTS) == e["answer"]
 
 
+def test_salience_rows_are_the_text_after_the_image(enc):
+    from vpexport.testbed.train import NVIS, make_batch
+
+    exs = _examples("cell", 3) + _examples("exists", 2)
+    b = make_batch(enc, exs)
+    for i, e in enumerate(exs):
+        rows = b["s_t"][b["s_b"] == i].tolist()
+        n = len(enc.example(e)[0])
+        assert rows == list(range(b["img0"] + NVIS, n - 1))
+        assert 2 <= int((b["patch_lab"][i] < 10).sum()) <= 5  # the digit patches the rows look at
+
+
 def test_bad_vqa_mix_is_one_line_error(tmp_path, capsys):
     from vpexport.cli import main
 
@@ -81,8 +93,9 @@ def test_short_training_run_loads(tmp_path):
 
     first = train(tmp_path / "a", steps=2, vision_steps=1, batch=4, threads=1, log_every=1)
     second = train(tmp_path / "b", steps=1, vision_steps=0, batch=4, threads=1, init_from=first,
-                   vqa_weights=(0.0, 0.5, 0.5, 0.0))
+                   vqa_weights=(0.0, 0.5, 0.5, 0.0), salience_layer=0)
     meta = json.loads((second / "vpexport_testbed.json").read_text())["training"]
     assert meta["steps_done"] == 1 and meta["init_training"]["steps_done"] == 2
     assert meta["vqa_weights"] == {"cell": 0.0, "where": 0.5, "exists": 0.5, "count": 0.0}
+    assert meta["salience_layer"] == 0 and meta["salience_head"] == 1
     LlavaForConditionalGeneration.from_pretrained(second)

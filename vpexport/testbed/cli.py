@@ -48,8 +48,12 @@ def data_cmd(out, seed, n_train, n_calib, n_eval):
 @click.option("--vqa-mix", default=None, metavar="KIND=W,...",
               help="Relative weights of the vqa question kinds (cell, where, exists, count); default "
                    "cell=0.4,where=0.2,exists=0.2,count=0.2.")
+@click.option("--salience-layer", default=None, type=int,
+              help="Also train one head of this decoder layer (--salience-head) to put the text tokens' "
+                   "attention on the patches that hold digits (off by default).")
+@click.option("--salience-head", default=1, show_default=True, type=int)
 def train_cmd(out, seed, steps, vision_steps, batch, lr, threads, save_every, max_minutes, log_file, caption_frac,
-              init_from, vqa_mix):
+              init_from, vqa_mix, salience_layer, salience_head):
     """Train the mini LLaVA on both tasks (deterministic for a seed and thread count)."""
     if steps < 1 or batch < 1 or vision_steps < 0:
         raise UserInputError("--steps and --batch must be >= 1, --vision-steps >= 0", field="--steps")
@@ -58,7 +62,7 @@ def train_cmd(out, seed, steps, vision_steps, batch, lr, threads, save_every, ma
 
     train(out, seed=seed, steps=steps, vision_steps=vision_steps, batch=batch, lr=lr, threads=threads,
           save_every=save_every, max_minutes=max_minutes, log_file=log_file, caption_frac=caption_frac,
-          init_from=init_from, vqa_weights=weights)
+          init_from=init_from, vqa_weights=weights, salience_layer=salience_layer, salience_head=salience_head)
     click.echo(f"saved {out}")
 
 

@@ -93,6 +93,7 @@ def make_batch(enc: Encoder, exs):
     am = torch.zeros((B, L), dtype=torch.long)
     ev_b, ev_t, ev_p = [], [], []  # flattened evidence: batch, position, patch mask row
     m_b, m_t, m_y = [], [], []  # flattened "is the asked digit present" targets
+    s_b, s_t = [], []  # text rows of the salience hint: every token after the image
     masks = []
     for i, (x, y, img0, ev, match) in enumerate(rows):
         ids[i, : len(x)] = torch.tensor(x)
@@ -104,6 +105,9 @@ def make_batch(enc: Encoder, exs):
             ev_b.append(i)
             ev_t.append(pos)
             masks.append(m)
+        for pos in range(img0 + NVIS, len(x) - 1):
+            s_b.append(i)
+            s_t.append(pos)
         for pos, yes in match:
             m_b.append(i)
             m_t.append(pos)
@@ -118,6 +122,7 @@ def make_batch(enc: Encoder, exs):
         "img0": img0, "patch_lab": patch_lab,
         "m_b": torch.tensor(m_b, dtype=torch.long), "m_t": torch.tensor(m_t, dtype=torch.long),
         "m_y": torch.tensor(m_y, dtype=torch.long),
+        "s_b": torch.tensor(s_b, dtype=torch.long), "s_t": torch.tensor(s_t, dtype=torch.long),
     }
 
 
@@ -137,7 +142,8 @@ def _lr(step, total, base, warmup):
 def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int = 300, batch: int = 32,
           lr: float = 2e-3, att_layer: int = 3, att_weight: float = 1.0, probe_weight: float = 1.0, threads: int = 2,
           save_every: int = 250, log_every: int = 25, log_file: str | None = None, max_minutes: float = 115.0,
-          caption_frac: float = 0.5, init_from: str | Path | None = None, vqa_weights=D.VQA_WEIGHTS):
+          caption_frac: float = 0.5, init_from: str | Path | None = None, vqa_weights=D.VQA_WEIGHTS,
+          salience_layer: int | None = None, salience_head: int = 1, salience_weight: float = 0.5):
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -185,23 +191,27 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     captured = {}
-    attn_mod = model.model.language_model.layers[att_layer].self_attn
 
-    def _grab(mod, args, kwargs):
-        captured["h"] = kwargs.get("hidden_states", args[0] if args else None)
-        captured["pe"] = kwargs["position_embeddings"]
+    def _grabber(key):
+        def grab(mod, args, kwargs):
+            captured[key] = (kwargs.get("hidden_states", args[0] if args else None), kwargs["position_embeddings"])
+        return grab
 
-    attn_mod.register_forward_pre_hook(_grab, with_kwargs=True)
-    hd = attn_mod.head_dim
+    layers = model.model.language_model.layers
+    layers[att_layer].self_attn.register_forward_pre_hook(_grabber(att_layer), with_kwargs=True)
+    if salience_layer is not None:
+        layers[salience_layer].self_attn.register_forward_pre_hook(_grabber(salience_layer), with_kwargs=True)
 
-    def head0_rows(ev_b, ev_t):
-        h = captured["h"]
-        cos, sin = captured["pe"]
+    def head_rows(layer, head, ev_b, ev_t):
+        """Softmax attention of one head of `layer` at rows (ev_b, ev_t), from the captured input."""
+        attn_mod = layers[layer].self_attn
+        hd = attn_mod.head_dim
+        kv_head = head // (attn_mod.config.num_attention_heads // attn_mod.config.num_key_value_heads)
+        h, (cos, sin) = captured[layer]
         if cos.shape[0] != h.shape[0]:
             cos, sin = cos.expand(h.shape[0], -1, -1), sin.expand(h.shape[0], -1, -1)
-        B = h.shape[0]
-        q = attn_mod.q_proj(h[ev_b, ev_t])[:, :hd]  # (E, hd)
-        k = attn_mod.k_proj(h)[..., :hd]  # (B, L, hd), head 0
+        q = attn_mod.q_proj(h[ev_b, ev_t])[:, head * hd:(head + 1) * hd]  # (E, hd)
+        k = attn_mod.k_proj(h)[..., kv_head * hd:(kv_head + 1) * hd]  # (B, L, hd)
         q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], cos[ev_b, ev_t][:, None],
                                     sin[ev_b, ev_t][:, None])
         _, k = apply_rotary_pos_emb(k[:, None], k[:, None], cos, sin)
@@ -269,7 +279,8 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
                   "caption": {"question": D.CAPTION_QUESTION, "metric": "token_f1"}},
         "visual_tokens": NVIS,
         "training": {"seed": seed, "steps": steps, "vision_steps": vision_steps, "batch": batch, "lr": lr,
-                     "att_layer": att_layer, "att_weight": att_weight, "probe_weight": probe_weight, "threads": threads,
+                     "att_layer": att_layer, "att_weight": att_weight, "salience_layer": salience_layer,
+                     "salience_head": salience_head, "salience_weight": salience_weight, "probe_weight": probe_weight, "threads": threads,
                      "caption_frac": caption_frac,
                      "vqa_weights": {k: round(float(w), 4) for k, w in zip(D.VQA_KINDS, vqa_weights)},
                      "init_from": str(init_from) if init_from else None,
@@ -287,9 +298,13 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
         l_lm = F.cross_entropy(logits.flatten(0, 1), lab.flatten(), ignore_index=-100)
         l_att = torch.zeros(())
         if att_weight > 0 and len(b["ev_b"]):
-            rows = head0_rows(b["ev_b"], b["ev_t"])[:, b["img0"]: b["img0"] + NVIS]
+            rows = head_rows(att_layer, 0, b["ev_b"], b["ev_t"])[:, b["img0"]: b["img0"] + NVIS]
             mass = (rows * b["ev_m"]).sum(-1)
             l_att = -(mass + 1e-6).log().mean()
+        if salience_layer is not None and len(b["s_b"]):
+            rows = head_rows(salience_layer, salience_head, b["s_b"], b["s_t"])[:, b["img0"]: b["img0"] + NVIS]
+            mass = (rows * (b["patch_lab"][b["s_b"]] < 10)).sum(-1)
+            l_att = l_att + salience_weight * -(mass + 1e-6).log().mean()
         l_probe = torch.zeros(())
         if probe_weight > 0:
             hs = outp.hidden_states
