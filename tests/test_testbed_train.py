@@ -75,6 +75,22 @@ def test_salience_rows_are_the_text_after_the_image(enc):
         assert 2 <= int((b["patch_lab"][i] < 10).sum()) <= 5  # the digit patches the rows look at
 
 
+def test_background_drop_keeps_every_digit(enc):
+    from vpexport.testbed.train import NVIS, background_drop_mask, make_batch
+
+    b = make_batch(enc, _examples("cell", 6) + _examples("where", 6))
+    assert (background_drop_mask(np.random.RandomState(0), b, 0.0) == b["attention_mask"]).all()
+    mask = background_drop_mask(np.random.RandomState(0), b, 1.0)
+    vis = mask[:, b["img0"]: b["img0"] + NVIS]
+    digit = b["patch_lab"] < 10
+    assert (vis[digit] == 1).all()  # every digit patch stays visible
+    hidden = ((vis == 0) & ~digit).sum(1) / (~digit).sum(1)
+    assert ((hidden > 0.45) & (hidden < 0.96)).all()  # 50-95% of the blank ones are hidden
+    outside = mask.clone()
+    outside[:, b["img0"]: b["img0"] + NVIS] = b["attention_mask"][:, b["img0"]: b["img0"] + NVIS]
+    assert (outside == b["attention_mask"]).all()  # text and padding untouched
+
+
 def test_bad_vqa_mix_is_one_line_error(tmp_path, capsys):
     from vpexport.cli import main
 
@@ -93,7 +109,7 @@ def test_short_training_run_loads(tmp_path):
 
     first = train(tmp_path / "a", steps=2, vision_steps=1, batch=4, threads=1, log_every=1)
     second = train(tmp_path / "b", steps=1, vision_steps=0, batch=4, threads=1, init_from=first,
-                   vqa_weights=(0.0, 0.5, 0.5, 0.0), salience_layer=0)
+                   vqa_weights=(0.0, 0.5, 0.5, 0.0), salience_layer=0, drop_background=0.5)
     meta = json.loads((second / "vpexport_testbed.json").read_text())["training"]
     assert meta["steps_done"] == 1 and meta["init_training"]["steps_done"] == 2
     assert meta["vqa_weights"] == {"cell": 0.0, "where": 0.5, "exists": 0.5, "count": 0.0}

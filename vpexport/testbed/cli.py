@@ -52,8 +52,10 @@ def data_cmd(out, seed, n_train, n_calib, n_eval):
               help="Also train one head of this decoder layer (--salience-head) to put the text tokens' "
                    "attention on the patches that hold digits (off by default).")
 @click.option("--salience-head", default=1, show_default=True, type=int)
+@click.option("--drop-background", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of examples in which most visual tokens without a digit are hidden.")
 def train_cmd(out, seed, steps, vision_steps, batch, lr, threads, save_every, max_minutes, log_file, caption_frac,
-              init_from, vqa_mix, salience_layer, salience_head):
+              init_from, vqa_mix, salience_layer, salience_head, drop_background):
     """Train the mini LLaVA on both tasks (deterministic for a seed and thread count)."""
     if steps < 1 or batch < 1 or vision_steps < 0:
         raise UserInputError("--steps and --batch must be >= 1, --vision-steps >= 0", field="--steps")
@@ -62,7 +64,8 @@ def train_cmd(out, seed, steps, vision_steps, batch, lr, threads, save_every, ma
 
     train(out, seed=seed, steps=steps, vision_steps=vision_steps, batch=batch, lr=lr, threads=threads,
           save_every=save_every, max_minutes=max_minutes, log_file=log_file, caption_frac=caption_frac,
-          init_from=init_from, vqa_weights=weights, salience_layer=salience_layer, salience_head=salience_head)
+          init_from=init_from, vqa_weights=weights, salience_layer=salience_layer, salience_head=salience_head,
+          drop_background=drop_background)
     click.echo(f"saved {out}")
 
 

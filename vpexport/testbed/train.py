@@ -126,6 +126,28 @@ def make_batch(enc: Encoder, exs):
     }
 
 
+def background_drop_mask(rng, b, p: float):
+    """2D attention mask that hides, in a share `p` of the examples, 50-95% of the visual tokens
+    holding no digit (from every layer; the rest keep their original positions).
+
+    Why: a cell question whose answer is "none" was answered from the blank patches of that cell;
+    with them pruned, the model named a digit from another cell, and counts went up. LLaVA-scale
+    models lose little when background tokens go (the premise of token pruning); this teaches the
+    testbed the same, while every digit patch stays necessary (random pruning still drops digits).
+    """
+    import torch
+
+    mask = b["attention_mask"].clone()
+    for i in range(mask.shape[0]):
+        if rng.rand() >= p:
+            continue
+        blank = np.flatnonzero(b["patch_lab"][i].numpy() == 10)
+        n = int(round(len(blank) * rng.uniform(0.5, 0.95)))
+        drop = rng.choice(blank, size=n, replace=False)
+        mask[i, b["img0"] + torch.from_numpy(drop)] = 0
+    return mask
+
+
 def sample_batch(rng, bank, pool, n, caption_frac=0.5, vqa_weights=D.VQA_WEIGHTS):
     imgs, labels = bank
     return [D.sample(rng, imgs, labels, pool, "caption" if rng.rand() < caption_frac else "vqa", vqa_weights)
@@ -143,7 +165,8 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
           lr: float = 2e-3, att_layer: int = 3, att_weight: float = 1.0, probe_weight: float = 1.0, threads: int = 2,
           save_every: int = 250, log_every: int = 25, log_file: str | None = None, max_minutes: float = 115.0,
           caption_frac: float = 0.5, init_from: str | Path | None = None, vqa_weights=D.VQA_WEIGHTS,
-          salience_layer: int | None = None, salience_head: int = 1, salience_weight: float = 0.5):
+          salience_layer: int | None = None, salience_head: int = 1, salience_weight: float = 0.5,
+          drop_background: float = 0.0):
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -280,7 +303,8 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
         "visual_tokens": NVIS,
         "training": {"seed": seed, "steps": steps, "vision_steps": vision_steps, "batch": batch, "lr": lr,
                      "att_layer": att_layer, "att_weight": att_weight, "salience_layer": salience_layer,
-                     "salience_head": salience_head, "salience_weight": salience_weight, "probe_weight": probe_weight, "threads": threads,
+                     "salience_head": salience_head, "salience_weight": salience_weight,
+                     "drop_background": drop_background, "probe_weight": probe_weight, "threads": threads,
                      "caption_frac": caption_frac,
                      "vqa_weights": {k: round(float(w), 4) for k, w in zip(D.VQA_KINDS, vqa_weights)},
                      "init_from": str(init_from) if init_from else None,
@@ -290,8 +314,8 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
 
     def run_batch(b, train_mode=True):
         # right padding + causal attention: pads never reach a real token, so no mask is needed
-        # (and SDPA without a mask is about 2x faster on CPU)
-        outp = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
+        # (and SDPA without a mask is about 2x faster on CPU); a mask only when blank patches are dropped
+        outp = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b.get("drop_mask"),
                      use_cache=False, output_hidden_states=True)
         logits = outp.logits[:, :-1]
         lab = b["labels"][:, 1:]
@@ -332,6 +356,8 @@ def train(out: str | Path, seed: int = 0, steps: int = 3000, vision_steps: int =
             g["lr"] = _lr(step, steps, lr, 100) * g["scale"]
         exs = sample_batch(rng, bank, pools["train"], batch, caption_frac, vqa_weights)
         b = make_batch(enc, exs)
+        if drop_background > 0:
+            b["drop_mask"] = background_drop_mask(rng, b, drop_background)
         l_lm, l_att, l_probe, ok = run_batch(b)
         l_vis = vision_loss(None, b["patch_lab"], captured["vis"])[0] if train_vision else torch.zeros(())
         loss = l_lm + att_weight * l_att + probe_weight * l_probe + 0.3 * l_vis
