@@ -264,3 +264,25 @@ def test_dominated_candidates_are_skipped_and_paired_rejection():
     assert s._reject([0.0] * REJECT_MIN_SAMPLES)  # every sample lost
     assert not s._reject([1.0] * REJECT_MIN_SAMPLES)  # identical to dense
     assert not s._reject([0.0] * (REJECT_MIN_SAMPLES - 1))  # too few samples to judge
+
+
+def test_at_flops_fits_the_budget():
+    """The equal-FLOPs comparison scales the chosen schedule's first keep to the largest value that fits."""
+    from vpexport.accounting import prefill_flops
+    from vpexport.calibrate.search import at_flops
+    from vpexport.pruning.methods import METHODS
+    from vpexport.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "baselines" / "llava7b_himap_qa.yaml")
+    arch = recipe.resolve_arch()
+    layout = recipe.layout(arch)
+    ratio = lambda s: prefill_flops(arch, s, layout)["ratio"]  # noqa: E731
+    chosen = METHODS["visipruner"].schedule([(3, 40), (20, 0)], sink_layers=0, seed=0, meta={})
+    fastv = METHODS["fastv"].schedule([(2, 288)], sink_layers=0, seed=0, meta={})
+    s = at_flops(chosen, ratio(fastv), ratio, arch.text.layers, arch.visual_tokens)
+    assert [(p.layer, p.rule) for p in s.points] == [(p.layer, p.rule) for p in chosen.points]
+    k = s.points[0].keep
+    assert k > 40 and ratio(s) <= ratio(fastv)
+    bigger = METHODS["visipruner"].schedule([(3, k + 1), (20, 0)], sink_layers=0, seed=0, meta={})
+    assert ratio(bigger) > ratio(fastv)
+    assert at_flops(chosen, 0.0, ratio, arch.text.layers, arch.visual_tokens) is None

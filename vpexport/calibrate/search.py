@@ -424,6 +424,19 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
                       "accuracy_drop": calib_dense - accuracy(cal.scores), "samples": len(cal.scores)},
             "eval": _eval_block(re_, s, eval_dense),
         })
+    # Equal-FLOPs comparison: where the chosen schedule does not dominate a FastV/HiMAP default, the
+    # chosen method's schedule with its first keep raised (or lowered) to that default's FLOPs.
+    matched = []
+    for p in published:
+        if p["method"] not in ("fastv", "himap"):
+            continue
+        if p["flops"]["ratio"] >= flops_of(chosen)["ratio"] and ev["accuracy"] >= p["eval"]["accuracy"]:
+            continue
+        s = at_flops(chosen, p["flops"]["ratio"], lambda x: flops_of(x)["ratio"], arch.text.layers,
+                     arch.visual_tokens)
+        if s is not None:
+            matched.append({"against": p["method"], "schedule": s.to_dict(), "flops": flops_of(s),
+                            "eval": _eval_block(re_, s, eval_dense)})
     t_e = time.perf_counter() - t_e
     calibration["seconds"]["eval"] = round(t_e, 1)
     calibration["seconds"]["total"] = round(time.perf_counter() - t0, 1)
@@ -435,6 +448,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
         "calibration": calibration,
         "candidates": search.candidates(),
         "published": published,
+        "matched": matched,
     }
     tmp = dest / f".{SCHEDULE_FILE}.tmp"
     tmp.write_text(json.dumps(result, indent=2))
@@ -442,6 +456,26 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     (dest / "calibration.md").write_text(report_md(result, task))
     result["dir"] = str(dest)
     return result
+
+
+def at_flops(s: Schedule, budget: float, flops, layers: int, visual: int) -> Schedule | None:
+    """`s` with its first keep set to the largest value whose FLOPs ratio is <= budget (None if none)."""
+    idx = next((i for i, p in enumerate(s.points) if p.rule != "drop_all"), None)
+    if idx is None:
+        return None
+    best = None
+    for k in range(1, visual + 1):
+        pts = [(p.layer, k if i == idx else p.keep) for i, p in enumerate(s.points)]
+        cand = METHODS[s.method].schedule(pts, sink_layers=s.sink_layers, seed=s.seed,
+                                          meta={"calibrated": True, "matched_flops": round(budget, 4)})
+        try:
+            cand.check(layers, visual)
+        except Exception:
+            continue
+        if flops(cand) > budget + 1e-12:
+            break
+        best = cand
+    return best
 
 
 def _pts(s: dict) -> str:
@@ -482,6 +516,13 @@ def report_md(r: dict, task: str) -> str:
             "uses fewer FLOPs but is less accurate" if cheaper else "is more accurate but uses more FLOPs" if better else "is worse")
         lines.append(f"- {p['method']} default [{_pts(p['schedule'])}]: FLOPs {p['flops']['ratio']:.3f}, eval accuracy "
                      f"{p['eval']['accuracy']:.4f}; the calibrated schedule ({r['flops']['ratio']:.3f}, {e['accuracy']:.4f}) {verdict}.")
+    for m in r.get("matched", []):
+        p = next(x for x in r["published"] if x["method"] == m["against"])
+        verdict = "at least as accurate" if m["eval"]["accuracy"] >= p["eval"]["accuracy"] else "less accurate"
+        lines.append(f"- at {m['against']}'s FLOPs: the calibrated method with its first keep set to fit, "
+                     f"[{_pts(m['schedule'])}], FLOPs {m['flops']['ratio']:.3f}, eval accuracy "
+                     f"{m['eval']['accuracy']:.4f}: {verdict} than the {m['against']} default "
+                     f"({p['eval']['accuracy']:.4f} at {p['flops']['ratio']:.3f}).")
     lines += ["", f"Time: analysis {c['seconds']['analysis']} s, search {c['seconds']['search']} s, "
               f"eval {c['seconds']['eval']} s (total {c['seconds']['total']} s).", ""]
     return "\n".join(lines)

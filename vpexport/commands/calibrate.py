@@ -23,7 +23,7 @@ def calibrate(recipe_path, out, batch_size, as_json):
     recipe = load_recipe(recipe_path)
     r = run(recipe, out, batch_size, progress=True)
     if as_json:
-        keys = ("recipe", "schedule", "flops", "eval", "calibration", "published", "dir")
+        keys = ("recipe", "schedule", "flops", "eval", "calibration", "published", "matched", "dir")
         click.echo(json.dumps({k: r[k] for k in keys}, indent=2))
         return
     s, e = r["schedule"], r["eval"]
