@@ -9,8 +9,10 @@ Conventions (see docs/recipes.md, "FLOPs conventions"):
   FFN width m:
       q_proj 2*n*d*(H*hd);  k_proj, v_proj 2*n*d*(KV*hd) each (GQA-aware);  o_proj 2*n*(H*hd)*d
       attention QK^T and AV: 2*n*n*(H*hd) each -- the FULL n x n rectangle, not the causal
-        triangle, because the dense attention kernels we export to (ONNX Runtime / TensorRT
-        MatMul-Softmax-MatMul, SDPA math) compute the whole rectangle and mask it;
+        triangle: what a masked MatMul-Softmax-MatMul (SDPA math) computes. The exported prefill
+        skips part of it (causal row blocks over the [prefix][visual] head, docs/export.md), so
+        for that graph these counts are the reference work, above what it executes (more so for
+        the unpruned model, whose long segments have the most masked work);
       SwiGLU FFN: 3 matrices, 2*n*d*m each.
   lm_head only on the last position of each sample: 2*d*V.
 * Scoring overhead at each prune point K (read from layer K-1, n = tokens at layer K-1,
