@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.test_export import build_checkpoint, cli, make_eval, write_recipe
+from tests.artifact_helpers import build_checkpoint, cli, make_eval, write_recipe
 
 
 @pytest.fixture(scope="module")

@@ -451,7 +451,7 @@ def test_profile_axis_without_symbol_uses_its_role_and_unknown_is_refused():
 def test_profiles_of_a_real_export_cover_what_the_runtime_feeds(tmp_path, mode, monkeypatch):
     """A real (tiny) `vpexport export`, then the ONNX Runtime generation loop: every shape it feeds
     each graph is inside the profile computed for that graph (guards the exporter's axis names)."""
-    from tests.test_export import build_checkpoint, export_py, make_eval, write_recipe
+    from tests.artifact_helpers import build_checkpoint, export_py, make_eval, write_recipe
     from vpexport.data import load_samples
     from vpexport.engine.build import prepare
     from vpexport.runtime import ArtifactRuntime

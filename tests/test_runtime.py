@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_export import QUESTIONS, build_checkpoint, cli, export_py, make_eval, torch_pruned, write_recipe
+from tests.artifact_helpers import QUESTIONS, build_checkpoint, cli, export_py, make_eval, torch_pruned, write_recipe
 
 BLOCKER = '''
 import sys

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.test_export import build_checkpoint, cli, export_py, make_eval, write_recipe
+from tests.artifact_helpers import build_checkpoint, cli, export_py, make_eval, write_recipe
 
 
 @pytest.fixture(scope="module")
