@@ -53,6 +53,9 @@ class Encoder:
         ev = []
         match = []  # (position, 1 if the question's digit is in the image) for "is there a d"
         s = ex["scene"]
+        # "where is the d" / "is there a d": the position of the asked digit's token
+        q_digit = img0 + NVIS + q.index(self.ids(ex["question"].split()[3])[0]) \
+            if ex["kind"] in ("where", "exists") else None
         if ex["kind"] == "caption":
             pos = n_prompt - 1
             for c in sorted(s.digits):
@@ -62,16 +65,13 @@ class Encoder:
         elif ex.get("evidence"):
             for j in range(len(a) - 1):  # every answer token but eos
                 ev.append((n_prompt - 1 + j, ex["evidence"]))
-            if ex["kind"] in ("where", "exists"):
+            if q_digit is not None:
                 # also look the digit up where it is mentioned: the question's digit token itself
                 # attends to the patches holding that digit (a one-hop, content-keyed lookup)
-                d_tok = self.ids(ex["question"].split()[3])[0]
-                q_start = img0 + NVIS
-                ev.append((q_start + q.index(d_tok), ex["evidence"]))
+                ev.append((q_digit, ex["evidence"]))
         if ex["kind"] == "exists":
-            d_tok = self.ids(ex["question"].split()[3])[0]
             y = int(ex["answer"] == "yes")
-            match = [(img0 + NVIS + q.index(d_tok), y), (n_prompt - 1, y)]
+            match = [(q_digit, y), (n_prompt - 1, y)]
         return ids, labels, img0, ev, match
 
 
@@ -91,7 +91,7 @@ def make_batch(enc: Encoder, exs):
     ids = torch.full((B, L), enc.tok.pad_token_id, dtype=torch.long)
     lab = torch.full((B, L), -100, dtype=torch.long)
     am = torch.zeros((B, L), dtype=torch.long)
-    ev_b, ev_t, ev_p = [], [], []  # flattened evidence: batch, position, patch mask row
+    ev_b, ev_t = [], []  # flattened evidence: batch, position (+ a patch mask row each)
     m_b, m_t, m_y = [], [], []  # flattened "is the asked digit present" targets
     s_b, s_t = [], []  # text rows of the salience hint: every token after the image
     masks = []
