@@ -277,12 +277,13 @@ def test_at_flops_fits_the_budget():
     arch = recipe.resolve_arch()
     layout = recipe.layout(arch)
     ratio = lambda s: prefill_flops(arch, s, layout)["ratio"]  # noqa: E731
+    search = Search(None, arch, layout, ["visipruner"], tolerance=0.01)
     chosen = METHODS["visipruner"].schedule([(3, 40), (20, 0)], sink_layers=0, seed=0, meta={})
     fastv = METHODS["fastv"].schedule([(2, 288)], sink_layers=0, seed=0, meta={})
-    s = at_flops(chosen, ratio(fastv), ratio, arch.text.layers, arch.visual_tokens)
+    s = at_flops(search, chosen, ratio(fastv))
     assert [(p.layer, p.rule) for p in s.points] == [(p.layer, p.rule) for p in chosen.points]
     k = s.points[0].keep
     assert k > 40 and ratio(s) <= ratio(fastv)
     bigger = METHODS["visipruner"].schedule([(3, k + 1), (20, 0)], sink_layers=0, seed=0, meta={})
     assert ratio(bigger) > ratio(fastv)
-    assert at_flops(chosen, 0.0, ratio, arch.text.layers, arch.visual_tokens) is None
+    assert at_flops(search, chosen, 0.0) is None

@@ -127,19 +127,14 @@ class _HfReference:
     def __init__(self, recipe, ids, mask, px, threads: int):
         import torch
 
-        from vpexport.model.loading import load_llava
+        from vpexport.model.loading import image_embeds, load_llava
 
         torch.set_num_threads(threads)
         self.torch = torch
         self.model, _ = load_llava(recipe.model_dir, recipe.model.dtype)
         self.ids, self.mask, self.px = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(px)
         with torch.inference_mode():
-            emb = self.model.get_input_embeddings()(self.ids)
-            feats = self.model.model.get_image_features(pixel_values=self.px)
-            feats = getattr(feats, "pooler_output", feats)
-            feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-            sel = (self.ids == self.model.config.image_token_id)[..., None].expand_as(emb)
-            self.emb = emb.masked_scatter(sel, feats.to(emb.dtype))
+            self.emb = image_embeds(self.model, self.ids, self.px)
 
     def prefill(self):
         with self.torch.inference_mode():

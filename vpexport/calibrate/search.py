@@ -432,8 +432,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
             continue
         if p["flops"]["ratio"] >= flops_of(chosen)["ratio"] and ev["accuracy"] >= p["eval"]["accuracy"]:
             continue
-        s = at_flops(chosen, p["flops"]["ratio"], lambda x: flops_of(x)["ratio"], arch.text.layers,
-                     arch.visual_tokens)
+        s = at_flops(search, chosen, p["flops"]["ratio"])
         if s is not None:
             matched.append({"against": p["method"], "schedule": s.to_dict(), "flops": flops_of(s),
                             "eval": _eval_block(re_, s, eval_dense)})
@@ -458,23 +457,20 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     return result
 
 
-def at_flops(s: Schedule, budget: float, flops, layers: int, visual: int) -> Schedule | None:
+def at_flops(search: Search, s: Schedule, budget: float) -> Schedule | None:
     """`s` with its first keep set to the largest value whose FLOPs ratio is <= budget (None if none)."""
     idx = next((i for i, p in enumerate(s.points) if p.rule != "drop_all"), None)
     if idx is None:
         return None
     best = None
-    for k in range(1, visual + 1):
-        pts = [(p.layer, k if i == idx else p.keep) for i, p in enumerate(s.points)]
-        cand = METHODS[s.method].schedule(pts, sink_layers=s.sink_layers, seed=s.seed,
-                                          meta={"calibrated": True, "matched_flops": round(budget, 4)})
-        try:
-            cand.check(layers, visual)
-        except Exception:
+    for k in range(1, search.N + 1):
+        c = search.make(s.method, [(p.layer, k if i == idx else p.keep) for i, p in enumerate(s.points)],
+                        s.sink_layers, stage="matched")
+        if c is None:
             continue
-        if flops(cand) > budget + 1e-12:
+        if c.flops > budget + 1e-12:
             break
-        best = cand
+        best = c.schedule
     return best
 
 

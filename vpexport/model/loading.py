@@ -76,3 +76,29 @@ def prefix_length(input_ids, image_token_id: int) -> int:
             fix=f"put {IMAGE_PLACEHOLDER} in the template and use the checkpoint's own processor",
         )
     return row.index(image_token_id)
+
+
+def image_features(model, pixel_values):
+    """Projected visual tokens, (total tokens, text hidden), whatever transformers returns."""
+    import torch
+
+    cfg = model.config
+    feats = model.model.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+    )
+    if not torch.is_tensor(feats) and hasattr(feats, "pooler_output"):
+        feats = feats.pooler_output
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def image_embeds(model, input_ids, pixel_values):
+    """Text embeddings with the image tokens replaced by the projected visual tokens (as HF merges them)."""
+    cfg = model.config
+    emb = model.get_input_embeddings()(input_ids.clamp(max=cfg.text_config.vocab_size - 1))
+    feats = image_features(model, pixel_values).to(emb.dtype)
+    mask = (input_ids == cfg.image_token_id)[..., None].expand_as(emb)
+    return emb.masked_scatter(mask, feats)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vpexport.model.loading import image_embeds, image_features  # noqa: F401  (image_features: part of this API)
 from vpexport.testbed.metrics import exact_match, load_split, token_f1
 
 
@@ -70,31 +71,6 @@ def generate_answers(model, proc, records, template, max_new_tokens=20, batch_si
     return preds
 
 
-def image_features(model, pixel_values):
-    """Projected visual tokens, (total tokens, text hidden), whatever transformers returns."""
-    import torch
-
-    cfg = model.config
-    feats = model.model.get_image_features(
-        pixel_values=pixel_values,
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-    )
-    if not torch.is_tensor(feats) and hasattr(feats, "pooler_output"):
-        feats = feats.pooler_output
-    if isinstance(feats, (list, tuple)):
-        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
-    return feats.reshape(-1, feats.shape[-1])
-
-
-def _image_embeds(model, input_ids, pixel_values):
-    cfg = model.config
-    emb = model.get_input_embeddings()(input_ids.clamp(max=cfg.text_config.vocab_size - 1))
-    feats = image_features(model, pixel_values).to(emb.dtype)
-    mask = (input_ids == cfg.image_token_id)[..., None].expand_as(emb)
-    return emb.masked_scatter(mask, feats)
-
-
 def _pruned_logits(model, embeds, image_mask, keep_idx, layer):
     """Last-token logits; from decoder layer `layer` on only `keep_idx` (B, K) positions remain."""
     import torch
@@ -132,7 +108,7 @@ def random_drop_answers(model, proc, records, template, keep: float = 0.25, laye
         for idx in _batches(records, proc, template, batch_size):
             enc = _inputs(proc, records, idx, template)
             ids = enc["input_ids"]
-            embeds = _image_embeds(model, ids, enc["pixel_values"].to(model.dtype))
+            embeds = image_embeds(model, ids, enc["pixel_values"].to(model.dtype))
             vis = (ids[0] == img_id).nonzero().flatten()
             nv = len(vis)
             k = max(1, int(round(keep * nv)))
