@@ -215,7 +215,7 @@ def test_impossible_tolerance_exits_6_with_rejected_file(mini_recipe, tmp_path, 
 
     real = R.Runner.run
 
-    def pruned_always_wrong(self, schedule, min_accuracy=None, keep_logits=False, pl=None, reject=None):
+    def pruned_always_wrong(self, schedule, min_accuracy=None, keep_logits=False, pl=None, stop=None):
         res = real(self, schedule, min_accuracy, keep_logits, pl)
         if schedule.points or (pl is not None and pl.points):
             res.scores = [0.0] * len(res.scores)
@@ -266,24 +266,143 @@ def test_dominated_candidates_are_skipped_and_paired_rejection():
     assert not s._reject([0.0] * (REJECT_MIN_SAMPLES - 1))  # too few samples to judge
 
 
-def test_at_flops_fits_the_budget():
-    """The equal-FLOPs comparison scales the chosen schedule's first keep to the largest value that fits."""
-    from vpexport.accounting import prefill_flops
-    from vpexport.calibrate.search import at_flops
-    from vpexport.pruning.methods import METHODS
-    from vpexport.recipe import load_recipe
+class BatchedFakeRunner(FakeRunner):
+    """FakeRunner with the real runner's stopping protocol (batches of 5, `min_accuracy`, `stop`) and
+    first-token logits whose distance from the dense model's grows as tokens are dropped."""
 
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "baselines" / "llava7b_himap_qa.yaml")
-    arch = recipe.resolve_arch()
-    layout = recipe.layout(arch)
-    ratio = lambda s: prefill_flops(arch, s, layout)["ratio"]  # noqa: E731
-    search = Search(None, arch, layout, ["visipruner"], tolerance=0.01)
-    chosen = METHODS["visipruner"].schedule([(3, 40), (20, 0)], sink_layers=0, seed=0, meta={})
-    fastv = METHODS["fastv"].schedule([(2, 288)], sink_layers=0, seed=0, meta={})
-    s = at_flops(search, chosen, ratio(fastv))
-    assert [(p.layer, p.rule) for p in s.points] == [(p.layer, p.rule) for p in chosen.points]
-    k = s.points[0].keep
-    assert k > 40 and ratio(s) <= ratio(fastv)
-    bigger = METHODS["visipruner"].schedule([(3, k + 1), (20, 0)], sink_layers=0, seed=0, meta={})
-    assert ratio(bigger) > ratio(fastv)
-    assert at_flops(search, chosen, 0.0) is None
+    def _logits(self, t: int, n: int):
+        import torch
+
+        return torch.stack([torch.tensor([0.0, 1.0 + 0.01 * min(t, 144) + 0.001 * i]) for i in range(n)])
+
+    def dense(self):
+        r = super().dense()
+        r.first_logits = [self._logits(10**6, len(self.samples))]
+        return r
+
+    def run(self, schedule, min_accuracy=None, keep_logits=False, pl=None, stop=None):
+        self.runs.append(schedule)
+        t = self._tokens(schedule)
+        res = RunResult([], [])
+        n = len(self.samples)
+        for b in range(0, n, 5):
+            chunk = self.thresholds[b : b + 5]
+            res.scores += [1.0 if t > th else 0.0 for th in chunk]
+            res.preds += ["x"] * len(chunk)
+            res.first_logits.append(self._logits(t, len(chunk)))
+            left = n - len(res.scores)
+            if left and ((min_accuracy is not None and (sum(res.scores) + left) / n < min_accuracy - 1e-9)
+                         or (stop is not None and stop(res))):
+                res.complete = False
+                break
+        return res
+
+
+def _brute_force(search, runner, pool, budget):
+    """(accuracy, kl) of the best candidate by full evaluation: max accuracy, then min KL."""
+    import torch
+
+    from vpexport.calibrate.runner import first_token_kl
+
+    dense = torch.cat(runner.dense().first_logits)
+    best = None
+    for c in pool:
+        if c.flops > budget + 1e-12:
+            continue
+        r = BatchedFakeRunner.run(runner, c.schedule)
+        acc = sum(r.scores) / len(r.scores)
+        kl = sum(first_token_kl(dense, torch.cat(r.first_logits))) / len(r.scores)
+        if best is None or acc > best[0] + 1e-9 or (acc > best[0] - 1e-9 and kl < best[1]):
+            best = (acc, kl)
+    return best
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.4, 0.6])
+def test_budget_search_is_the_most_accurate_within_budget(arch_layout, budget):
+    """flops_budget objective: the winner fits the budget and equals a brute-force full evaluation of
+    the same candidate pool (max accuracy, ties to the smallest first-token KL), so stopping losers
+    early never drops the winner."""
+    arch, layout = arch_layout
+    fr = BatchedFakeRunner()
+    s = Search(fr, arch, layout, ["fastv", "himap", "visipruner"], None, progress=False)
+    best = s.run_budget(budget)
+    assert best is not None and best.complete and best.flops <= budget + 1e-12
+    assert best.passed is None  # no tolerance: nothing to pass
+    pool = s.coarse() + s.fine(best)
+    assert (best.accuracy, best.kl) == pytest.approx(_brute_force(s, fr, pool, budget))
+    stopped = [c for c in s.tried.values() if not c.complete]
+    assert stopped, "losers should be stopped before the last batch"
+    assert all(c.samples < len(fr.samples) for c in stopped)
+
+
+def test_budget_search_ties_go_to_the_least_disturbed_model(arch_layout):
+    """Every candidate is perfect on this runner: the one whose first token stays closest to dense wins,
+    not the cheapest."""
+    arch, layout = arch_layout
+
+    class AllRight(BatchedFakeRunner):
+        def __init__(self):
+            super().__init__()
+            self.thresholds = [-1] * len(self.samples)
+
+    s = Search(AllRight(), arch, layout, ["fastv"], None, progress=False)
+    best = s.run_budget(0.5)
+    complete = [c for c in s.tried.values() if c.complete]
+    assert best.kl == min(c.kl for c in complete)
+    assert best.flops > min(c.flops for c in complete)
+
+
+def test_budget_search_reuses_full_results_only(arch_layout):
+    """A candidate stopped against one budget's best is run again for a smaller budget (where that best
+    is out of reach); complete results are reused."""
+    arch, layout = arch_layout
+    fr = BatchedFakeRunner()
+    s = Search(fr, arch, layout, ["fastv"], None, progress=False)
+    hi = s.run_budget(0.6)
+    n_hi = len(fr.runs)
+    lo = s.run_budget(0.3)
+    assert lo.flops <= 0.3 + 1e-12 and hi.flops <= 0.6 + 1e-12
+    assert lo.accuracy <= hi.accuracy
+    rerun = fr.runs[n_hi:]
+    assert hi.schedule not in rerun
+    assert (lo.accuracy, lo.kl) == pytest.approx(_brute_force(s, fr, s.coarse() + s.fine(lo), 0.3))
+
+
+def test_flops_budget_through_the_cli(mini_recipe, tmp_path, capsys):
+    """calibrate with flops_budget: the schedule fits it and the objective is recorded; a budget below
+    every candidate is a one-line exit-6 error naming the field, with no schedule.json."""
+    text = mini_recipe.read_text().replace("calibrate: {tolerance: 0.05,", "calibrate: {flops_budget: 0.4,")
+    rb = tmp_path / "budget.yaml"
+    rb.write_text(text)
+    out = tmp_path / "art"
+    assert cli(["calibrate", str(rb), "--out", str(out), "--json"]) == 0
+    r = json.loads((out / "schedule.json").read_text())
+    assert r["flops"]["ratio"] <= 0.4 + 1e-12
+    assert r["calibration"]["objective"] == "max_accuracy" and r["calibration"]["flops_budget"] == 0.4
+    assert r["calibration"]["tolerance"] is None
+    assert "highest calibration" in (out / "calibration.md").read_text()
+
+    rb.write_text(text.replace("flops_budget: 0.4,", "flops_budget: 0.01,"))
+    capsys.readouterr()
+    out2 = tmp_path / "art2"
+    assert cli(["calibrate", str(rb), "--out", str(out2)]) == 6
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "pruning.calibrate.flops_budget" in err[0] and "cheapest" in err[0]
+    assert not (out2 / "schedule.json").exists() and (out2 / "schedule.rejected.json").is_file()
+
+
+def test_budget_with_tolerance_fails_when_the_best_drops_too_much(arch_layout):
+    """flops_budget + tolerance: the most accurate schedule in the budget must also stay within the
+    tolerance, else calibration fails naming the budget (not a silently loose schedule)."""
+    from vpexport.calibrate.search import _failure
+    from vpexport.recipe.schema import CalibrateSection
+
+    arch, layout = arch_layout
+    fr = BatchedFakeRunner()
+    s = Search(fr, arch, layout, ["fastv"], 0.05, progress=False)
+    best = s.run_budget(0.25)
+    assert best.drop > 0.05
+    cfg = CalibrateSection(flops_budget=0.25, tolerance=0.05)
+    msg, field, fix = _failure(s, best, cfg, ["fastv"])
+    assert field == "pruning.calibrate.flops_budget" and "tolerance 0.05" in msg and "raise" in fix
+    assert _failure(s, best, CalibrateSection(flops_budget=0.25), ["fastv"]) is None

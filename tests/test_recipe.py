@@ -242,6 +242,19 @@ def test_calibrate_tolerance_range_and_auto(tmp_path, capsys):
     assert line.startswith("error: pruning.method: method auto needs calibrate")
     r = load_recipe(write(tmp_path, patch(pruning={"method": "auto", "calibrate": {}})))
     assert r.schedule() is None and r.calibrating
+    assert r.pruning.calibrate.objective == "min_flops" and r.pruning.calibrate.tolerance == 0.01
+
+
+def test_calibrate_flops_budget(tmp_path, capsys):
+    r = load_recipe(write(tmp_path, patch(pruning={"method": "auto", "calibrate": {"flops_budget": 0.3}})))
+    c = r.pruning.calibrate
+    assert c.objective == "max_accuracy" and c.flops_budget == 0.3 and c.tolerance is None
+    r = load_recipe(write(tmp_path, patch(pruning={"method": "auto", "calibrate": {"flops_budget": 0.3, "tolerance": 0.02}})))
+    assert r.pruning.calibrate.tolerance == 0.02
+    line = cli_error(capsys, write(tmp_path, patch(pruning={"method": "auto", "calibrate": {"flops_budget": 1.5}})))
+    assert line.startswith("error: pruning.calibrate.flops_budget: Input should be less than 1")
+    line = cli_error(capsys, write(tmp_path, patch(pruning={"method": "auto", "calibrate": {"flops_buget": 0.3}})))
+    assert "flops_buget" in line and "flops_budget" in line
 
 
 def test_unknown_method_suggests(tmp_path, capsys):

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("vpexport.commands.eval", "eval_cmd", "Accuracy of a recipe's schedule on its eval split."),
     "package": ("vpexport.commands.package", "package", "Write a Triton model repository from exported artifacts."),
     "analyze": ("vpexport.commands.analyze", "analyze", "Per-layer visual-token statistics (attention flows, value contributions, causal check)."),
-    "calibrate": ("vpexport.commands.calibrate", "calibrate", "Search prune layers and keep budgets within the recipe's accuracy tolerance."),
+    "calibrate": ("vpexport.commands.calibrate", "calibrate", "Search prune layers and keep budgets: lowest FLOPs within the accuracy tolerance, or most accurate within a FLOPs budget."),
     "bench": ("vpexport.commands.bench", "bench", "Latency, memory, FLOPs and KV ratios: pruned vs unpruned artifacts."),
     "export": ("vpexport.commands.export", "export", "Export ONNX graphs (vision, prefill, decode) and runtime assets."),
     "validate": ("vpexport.commands.validate", "validate", "Compare exported artifacts with the PyTorch model; non-zero exit on any mismatch."),

@@ -5,7 +5,7 @@ Exit codes:
   3  artifacts missing, corrupt, or not matching their manifest
   4  validation found mismatches between artifacts and the PyTorch model
   5  a required runtime (GPU, TensorRT, Triton) is not available here
-  6  calibration found no schedule within the recipe's tolerance
+  6  calibration found no schedule meeting the recipe's objective (tolerance / FLOPs budget)
 """
 
 from __future__ import annotations

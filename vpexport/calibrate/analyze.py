@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vpexport.calibrate.runner import Runner, accuracy
+from vpexport.calibrate.runner import Runner, accuracy, first_token_kl
 from vpexport.model.pruned import PrunedLlava
 from vpexport.pruning.schedule import PrunePoint, Schedule
 
@@ -151,11 +151,6 @@ def _blocked_model(runner: Runner, layer: int) -> PrunedLlava:
     return pl
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> list[float]:
-    lp, lq = F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1).tolist()
-
-
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
@@ -197,7 +192,7 @@ def analyze_runner(runner: Runner, progress=None, tolerance: float = 0.01) -> di
     causal = []
     for l in range(L):
         res = runner.run(Schedule("block"), keep_logits=True, pl=_blocked_model(runner, l))
-        kl = _kl(dense_logits, torch.cat(res.first_logits))
+        kl = first_token_kl(dense_logits, torch.cat(res.first_logits))
         agree = sum(a == b for a, b in zip(res.preds, dense.preds)) / len(res.preds)
         causal.append({"block_from": l, "accuracy": accuracy(res.scores), "accuracy_change": accuracy(res.scores) - dense_acc,
                        "kl_first_token": _mean(kl), "agreement_with_dense": agree})

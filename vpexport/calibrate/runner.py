@@ -142,9 +142,9 @@ class Runner:
 
     # ------------------------------------------------------------------ evaluation
     def run(self, schedule: Schedule, min_accuracy: float | None = None, keep_logits: bool = False,
-            pl: PrunedLlava | None = None, reject=None) -> RunResult:
+            pl: PrunedLlava | None = None, stop=None) -> RunResult:
         """Per-sample scores of `schedule`. With `min_accuracy`, stop as soon as even a perfect
-        remainder could not reach it; with `reject(scores_so_far) -> bool`, stop when it says so
+        remainder could not reach it; with `stop(result_so_far) -> bool`, stop when it says so
         after a batch (the result is then marked incomplete)."""
         pl = pl or self.model_for(schedule)
         dec = self.pipe.processor.tokenizer.decode
@@ -161,7 +161,7 @@ class Runner:
                 res.scores.append(sample_score(self.task, pred, ref))
             if len(res.scores) < total:
                 hopeless = min_accuracy is not None and (sum(res.scores) + total - len(res.scores)) / total < min_accuracy - 1e-9
-                if hopeless or (reject is not None and reject(res.scores)):
+                if hopeless or (stop is not None and stop(res)):
                     res.complete = False
                     break
         return res
@@ -173,6 +173,14 @@ class Runner:
 
     def drop_caches(self) -> None:
         self._dense.clear()
+
+
+def first_token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> list[float]:
+    """Per-sample KL(p || q) of the first answer token's distributions."""
+    import torch.nn.functional as F
+
+    lp, lq = F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1).tolist()
 
 
 def accuracy(scores: list[float]) -> float:

@@ -1,7 +1,13 @@
 """`vpexport calibrate`: find static prune layers and keep budgets on the calibration split.
 
-Objective: the lowest exact prefill FLOPs ratio whose calibration accuracy drop against the
-unpruned model stays within `pruning.calibrate.tolerance`.
+Objective (`pruning.calibrate`): with `tolerance` (the default), the lowest exact prefill FLOPs
+ratio whose calibration accuracy drop against the unpruned model stays within it; with
+`flops_budget`, the highest calibration accuracy at a FLOPs ratio <= the budget (`Search.run_budget`,
+ties to the smallest first-token KL to the dense model), which must also stay within `tolerance`
+when one is given. The budget search also makes the report's equal-FLOPs rows: the calibrator given
+each published default's FLOPs.
+
+Tolerance search:
 
 Search (deterministic for a seed):
 1. Dense pass over the calibration samples (cached per batch: every layer's hidden state, KV
@@ -30,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpexport.errors import CalibrationFailed, RecipeError
+from vpexport.recipe.schema import DEFAULT_TOLERANCE
 from vpexport.pruning.methods import METHODS
 from vpexport.pruning.schedule import Schedule
 
 SEARCH_METHODS = ("fastv", "himap", "visipruner")
 BASELINES = ("random", "uniform")
+COMPARED = ("fastv", "himap")  # the published defaults the report compares at equal FLOPs
 COARSE = 2.0
 FINE = 2 ** 0.25
 MAX_SINK = 2
@@ -75,6 +83,7 @@ class Candidate:
     samples: int = 0
     complete: bool = False
     passed: bool | None = None
+    kl: float | None = None  # mean first-answer-token KL(dense || candidate), flops-budget objective only
 
     @property
     def key(self):
@@ -94,6 +103,7 @@ class Candidate:
             "samples_evaluated": self.samples,
             "complete": self.complete,
             "within_tolerance": self.passed,
+            "first_token_kl": self.kl,
         }
 
 
@@ -220,7 +230,7 @@ class Search:
             self.tried[c.key] = c
             self.failed.append(c)
             return c
-        res = self.runner.run(c.schedule, min_accuracy=self.dense_acc - self.tol, reject=self._reject)
+        res = self.runner.run(c.schedule, min_accuracy=self.dense_acc - self.tol, stop=lambda r: self._reject(r.scores))
         c.samples, c.complete = len(res.scores), res.complete
         c.accuracy = accuracy(res.scores) if res.complete else None
         if res.complete:
@@ -271,17 +281,89 @@ class Search:
         bar.close()
         return None
 
-    def run(self) -> Candidate | None:
-        dense = self.runner.dense()
+    def prepare(self) -> None:
         from vpexport.calibrate.runner import accuracy
 
-        self.dense_acc = accuracy(dense.scores)
-        self.dense_scores = dense.scores
+        if self.dense_acc is None:
+            dense = self.runner.dense()
+            self.dense_acc = accuracy(dense.scores)
+            self.dense_scores = dense.scores
+
+    def run(self) -> Candidate | None:
+        """Lowest FLOPs within the tolerance."""
+        self.prepare()
         best = self.first_pass(self.coarse(), None, "calibrate coarse")
         if best is None:
             return None
         better = self.first_pass(self.fine(best), best.flops, "calibrate fine")
         return better or best
+
+    # ------------------------------------------------------------------ flops-budget objective
+    def score(self, c: Candidate, best: Candidate | None) -> Candidate:
+        """Run `c` in full (calibration accuracy and mean first-token KL to the dense model) unless it
+        provably cannot beat `best`: stopped (complete False) once even a perfect remainder could not
+        reach best's accuracy, or could only tie it while its KL so far already exceeds best's.
+        Complete results are cached; a stopped one is not (it only lost against that `best`)."""
+        import torch
+
+        from vpexport.calibrate.runner import accuracy, first_token_kl
+
+        old = self.tried.get(c.key)
+        if old is not None and old.kl is not None:
+            return old
+        dense_logits = torch.cat(self.runner.dense().first_logits)
+        total = len(self.runner.samples)
+
+        def cannot_win(r) -> bool:
+            n = len(r.scores)
+            if (sum(r.scores) + total - n) / total > best.accuracy + 1e-9:
+                return False
+            return sum(first_token_kl(dense_logits[:n], torch.cat(r.first_logits))) / total >= best.kl
+
+        res = self.runner.run(c.schedule, min_accuracy=None if best is None else best.accuracy, keep_logits=True,
+                              stop=None if best is None else cannot_win)
+        c.samples, c.complete = len(res.scores), res.complete
+        if not res.complete:
+            c.accuracy, c.passed = None, False
+            c.drop = self.dense_acc - (sum(res.scores) + total - len(res.scores)) / total  # an upper bound
+            self.tried.setdefault(c.key, c)
+            return c
+        c.accuracy = accuracy(res.scores)
+        c.drop = self.dense_acc - c.accuracy
+        c.passed = None if self.tol is None else c.drop <= self.tol + 1e-9
+        kl = first_token_kl(dense_logits, torch.cat(res.first_logits))
+        c.kl = sum(kl) / len(kl)
+        self.tried[c.key] = c
+        return c
+
+    def maximize(self, cands: list[Candidate], budget: float, best: Candidate | None, desc: str) -> Candidate | None:
+        """The most accurate candidate with FLOPs <= budget. Ties (common: accuracy moves in steps of one
+        sample) go to the one whose first answer token stays closest to the dense model's (mean KL):
+        the budget is the user's constraint, and within it the least disturbed model is the safer pick.
+        Every candidate is considered (no monotonicity shortcut; `score` stops only provable losers);
+        from the most FLOPs down, so a good bound comes early."""
+        from tqdm import tqdm
+
+        cands = [c for c in {c.key: c for c in cands}.values() if c.flops <= budget + 1e-12]
+        cands.sort(key=lambda c: (-c.flops, c.schedule.method, c.key))
+        bar = tqdm(cands, desc=desc, unit="cand", disable=not self.progress, leave=False)
+        for c in bar:
+            c = self.score(c, best)
+            if not c.complete:
+                continue
+            if best is None or c.accuracy > best.accuracy + 1e-9 or (c.accuracy > best.accuracy - 1e-9 and c.kl < best.kl):
+                best = c
+        bar.close()
+        return best
+
+    def run_budget(self, budget: float) -> Candidate | None:
+        """Highest calibration accuracy at an exact prefill FLOPs ratio <= budget (coarse grid, then the
+        fine grid around its winner)."""
+        self.prepare()
+        best = self.maximize(self.coarse(), budget, None, f"calibrate <= {budget:.3f} coarse")
+        if best is None:
+            return None
+        return self.maximize(self.fine(best), budget, best, f"calibrate <= {budget:.3f} fine")
 
     def candidates(self) -> list[dict]:
         return [c.to_dict() for c in sorted(self.tried.values(), key=lambda c: (c.flops, c.key))]
@@ -317,19 +399,29 @@ def run_analysis(recipe, out, samples: int, batch_size: int = 32):
     pipe = _pipeline(recipe)
     with tqdm(total=len(data), desc="encode", unit="sample", leave=False) as bar:
         runner = Runner(pipe, data, recipe.task.type, batch_size, progress=bar)
-    tol = recipe.pruning.calibrate.tolerance if recipe.calibrating else 0.01
+    tol = recipe.pruning.calibrate.tolerance if recipe.calibrating else None
+    tol = DEFAULT_TOLERANCE if tol is None else tol
     with tqdm(total=len(runner.batches) + runner.L, desc="analyze", leave=False) as bar:
         a = analyze_runner(runner, bar, tolerance=tol)
     a["recipe"] = recipe.name
     return a, write_analysis(a, artifact_dir(recipe, out) / "analysis", recipe.name)
 
 
-def _eval_block(runner, schedule, dense_acc) -> dict:
+def _eval_block(runner, schedule, dense_acc, scores: dict | None = None) -> dict:
+    """Eval-split figures of `schedule`; its per-sample scores go into `scores[schedule]` when given."""
     from vpexport.calibrate.runner import accuracy
 
     r = runner.run(schedule)
+    if scores is not None:
+        scores[schedule] = r.scores
     acc = accuracy(r.scores)
     return {"accuracy": acc, "unpruned_accuracy": dense_acc, "accuracy_drop": dense_acc - acc, "samples": len(r.scores)}
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Samples on which `a` scores higher / lower than `b` (the same eval samples): how much of a
+    difference in accuracy is a handful of flips."""
+    return {"higher": sum(x > y + 1e-12 for x, y in zip(a, b)), "lower": sum(x < y - 1e-12 for x, y in zip(a, b))}
 
 
 def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, analysis_samples: int | None = None) -> dict:
@@ -370,14 +462,14 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     # analysis on the calibration cache seeds the search
     t_an = time.perf_counter()
     with tqdm(total=len(rc.batches) + rc.L, desc="analyze", leave=False, disable=not progress) as bar:
-        analysis = analyze_runner(rc, bar, tolerance=cfg.tolerance)
+        analysis = analyze_runner(rc, bar, tolerance=DEFAULT_TOLERANCE if cfg.tolerance is None else cfg.tolerance)
     analysis["recipe"] = recipe.name
     write_analysis(analysis, dest / "analysis", recipe.name)
     t_an = time.perf_counter() - t_an
 
     t_s = time.perf_counter()
     search = Search(rc, arch, layout, methods, cfg.tolerance, cfg.seed, analysis["seeds"], progress)
-    best = search.run()
+    best = search.run() if cfg.objective == "min_flops" else search.run_budget(cfg.flops_budget)
     t_s = time.perf_counter() - t_s
     calib_dense = search.dense_acc
 
@@ -386,22 +478,18 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
         return {"ratio": f["ratio"], "dense": f["dense"], "pruned": f["pruned"],
                 "with_vision_ratio": f["with_vision"]["ratio"], "paper_ratio": paper_flops(arch, s, layout)["ratio"]}
 
-    calibration = {"samples": len(calib), "unpruned_accuracy": calib_dense, "tolerance": cfg.tolerance,
+    calibration = {"samples": len(calib), "unpruned_accuracy": calib_dense, "objective": cfg.objective,
+                   "tolerance": cfg.tolerance, "flops_budget": cfg.flops_budget,
                    "seed": cfg.seed, "methods": methods, "candidates_tried": len(search.tried),
                    "seconds": {"analysis": round(t_an, 1), "search": round(t_s, 1)}, "seeds": analysis["seeds"]}
-    if best is None:
+    failure = _failure(search, best, cfg, methods)
+    if failure is not None:
+        msg, field, fix = failure
         tried = sorted(search.tried.values(), key=lambda c: (c.drop if c.drop is not None else 1e9, c.flops))
-        rej = {"error": f"no candidate within tolerance {cfg.tolerance}", "calibration": calibration,
+        rej = {"error": msg, "calibration": calibration,
                "best_candidates": [c.to_dict() for c in tried[:10]], "candidates": search.candidates()}
         (dest / "schedule.rejected.json").write_text(json.dumps(rej, indent=2))
-        b = tried[0] if tried else None
-        raise CalibrationFailed(
-            f"no {'/'.join(methods)} schedule keeps the calibration accuracy drop within {cfg.tolerance:g} "
-            f"(best: drop {b.drop:.3f} at FLOPs ratio {b.flops:.3f}); candidates in {dest / 'schedule.rejected.json'}"
-            if b else f"no candidate could be built; see {dest / 'schedule.rejected.json'}",
-            field="pruning.calibrate.tolerance",
-            fix="raise the tolerance or add calibration samples",
-        )
+        raise CalibrationFailed(f"{msg}; candidates in {dest / 'schedule.rejected.json'}", field=field, fix=fix)
     calibration.update({"accuracy": best.accuracy, "accuracy_drop": best.drop})
 
     # ---- only now: the eval split (never seen by the search)
@@ -412,7 +500,8 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
         re_ = Runner(pipe, evals, task, batch_size, progress=bar)
     eval_dense = accuracy(re_.dense().scores)
     chosen = best.schedule
-    ev = _eval_block(re_, chosen, eval_dense)
+    per_sample: dict = {}
+    ev = _eval_block(re_, chosen, eval_dense, per_sample)
     published = []
     for m in list(SEARCH_METHODS) + list(BASELINES):
         s = recipe.default_schedule(arch, m)
@@ -422,20 +511,26 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
             "method": m, "schedule": s.to_dict(), "flops": flops_of(s),
             "calib": {"accuracy": accuracy(cal.scores), "unpruned_accuracy": calib_dense,
                       "accuracy_drop": calib_dense - accuracy(cal.scores), "samples": len(cal.scores)},
-            "eval": _eval_block(re_, s, eval_dense),
+            "eval": _eval_block(re_, s, eval_dense, per_sample),
         })
+        published[-1]["eval"]["calibrated_vs_default"] = paired(per_sample[chosen], per_sample[s])
     # Equal-FLOPs comparison: where the chosen schedule does not dominate a FastV/HiMAP default, the
-    # chosen method's schedule with its first keep raised (or lowered) to that default's FLOPs.
+    # calibrator given that default's FLOPs as its budget (chosen on the calibration split, like the rest).
+    tried_main = search.candidates()
     matched = []
     for p in published:
-        if p["method"] not in ("fastv", "himap"):
+        if p["method"] not in COMPARED or dominates(flops_of(chosen)["ratio"], ev["accuracy"], p):
             continue
-        if p["flops"]["ratio"] >= flops_of(chosen)["ratio"] and ev["accuracy"] >= p["eval"]["accuracy"]:
-            continue
-        s = at_flops(search, chosen, p["flops"]["ratio"])
-        if s is not None:
-            matched.append({"against": p["method"], "schedule": s.to_dict(), "flops": flops_of(s),
-                            "eval": _eval_block(re_, s, eval_dense)})
+        t_m = time.perf_counter()
+        c = search.run_budget(p["flops"]["ratio"])
+        if c is not None:
+            matched.append({"against": p["method"], "schedule": c.schedule.to_dict(), "flops": flops_of(c.schedule),
+                            "calib": {"accuracy": c.accuracy, "unpruned_accuracy": calib_dense,
+                                      "accuracy_drop": c.drop, "first_token_kl": c.kl},
+                            "eval": _eval_block(re_, c.schedule, eval_dense, per_sample),
+                            "seconds": round(time.perf_counter() - t_m, 1)})
+            default = next(s for s in per_sample if s.to_dict() == p["schedule"])
+            matched[-1]["eval"]["vs_default"] = paired(per_sample[c.schedule], per_sample[default])
     t_e = time.perf_counter() - t_e
     calibration["seconds"]["eval"] = round(t_e, 1)
     calibration["seconds"]["total"] = round(time.perf_counter() - t0, 1)
@@ -445,7 +540,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
         "flops": flops_of(chosen),
         "eval": ev,
         "calibration": calibration,
-        "candidates": search.candidates(),
+        "candidates": tried_main,
         "published": published,
         "matched": matched,
     }
@@ -457,21 +552,34 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     return result
 
 
-def at_flops(search: Search, s: Schedule, budget: float) -> Schedule | None:
-    """`s` with its first keep set to the largest value whose FLOPs ratio is <= budget (None if none)."""
-    idx = next((i for i, p in enumerate(s.points) if p.rule != "drop_all"), None)
-    if idx is None:
+def dominates(flops: float, accuracy: float, published: dict) -> bool:
+    """No more FLOPs than the published default and at least as accurate on the eval split."""
+    return flops <= published["flops"]["ratio"] + 1e-12 and accuracy >= published["eval"]["accuracy"] - 1e-12
+
+
+def _failure(search: Search, best: Candidate | None, cfg, methods) -> tuple[str, str, str] | None:
+    """(message, field, fix) when the search found nothing acceptable, else None."""
+    names = "/".join(methods)
+    if cfg.objective == "max_accuracy":
+        if best is None:
+            cheapest = min(search.coarse(), key=lambda c: c.flops, default=None)
+            low = f" (the cheapest {names} schedule searched needs {cheapest.flops:.3f})" if cheapest else ""
+            return (f"no {names} schedule fits flops_budget {cfg.flops_budget:g}{low}", "pruning.calibrate.flops_budget",
+                    "raise the budget")
+        if cfg.tolerance is not None and best.drop > cfg.tolerance + 1e-9:
+            return (f"the most accurate {names} schedule within flops_budget {cfg.flops_budget:g} drops "
+                    f"{best.drop:.3f} (> tolerance {cfg.tolerance:g}) at FLOPs ratio {best.flops:.3f}",
+                    "pruning.calibrate.flops_budget", "raise the budget or the tolerance")
         return None
-    best = None
-    for k in range(1, search.N + 1):
-        c = search.make(s.method, [(p.layer, k if i == idx else p.keep) for i, p in enumerate(s.points)],
-                        s.sink_layers, stage="matched")
-        if c is None:
-            continue
-        if c.flops > budget + 1e-12:
-            break
-        best = c.schedule
-    return best
+    if best is not None:
+        return None
+    tried = sorted(search.tried.values(), key=lambda c: (c.drop if c.drop is not None else 1e9, c.flops))
+    if not tried:
+        return "no candidate could be built", "pruning.method", "check the model's layer count"
+    b = tried[0]
+    return (f"no {names} schedule keeps the calibration accuracy drop within {cfg.tolerance:g} "
+            f"(best: drop {b.drop:.3f} at FLOPs ratio {b.flops:.3f})", "pruning.calibrate.tolerance",
+            "raise the tolerance or add calibration samples")
 
 
 def _pts(s: dict) -> str:
@@ -484,10 +592,15 @@ def report_md(r: dict, task: str) -> str:
 
     c, e = r["calibration"], r["eval"]
     metric = MAIN_METRIC[task]
+    if c.get("objective") == "max_accuracy":
+        goal = (f"highest calibration {metric} at an exact prefill FLOPs ratio <= {c['flops_budget']:g} (ties: the smallest "
+                f"first-token KL to the unpruned model)"
+                + (f", within a drop of {c['tolerance']:g}" if c.get("tolerance") is not None else ""))
+    else:
+        goal = f"lowest exact prefill FLOPs ratio with a calibration accuracy drop <= {c['tolerance']:g} ({metric})"
     lines = [
         f"# Calibration: {r['recipe']}", "",
-        f"Objective: lowest exact prefill FLOPs ratio with a calibration accuracy drop <= {c['tolerance']:g} "
-        f"({metric}); methods searched: {', '.join(c['methods'])}; {c['candidates_tried']} candidates tried on "
+        f"Objective: {goal}; methods searched: {', '.join(c['methods'])}; {c['candidates_tried']} candidates tried on "
         f"{c['samples']} calibration samples (seed {c['seed']}). The eval split was used only after the search.", "",
         f"**Chosen**: {r['schedule']['method']} [{_pts(r['schedule'])}], exact FLOPs ratio {r['flops']['ratio']:.3f} "
         f"(paper convention {r['flops']['paper_ratio']:.3f}).", "",
@@ -502,23 +615,34 @@ def report_md(r: dict, task: str) -> str:
     for p in r["published"]:
         lines.append(f"| {p['method']} published default | {_pts(p['schedule'])} | {p['flops']['ratio']:.3f} | "
                      f"{p['eval']['accuracy']:.4f} | {p['eval']['accuracy_drop']:+.4f} | {p['calib']['accuracy']:.4f} |")
-    lines += ["", "## Against FastV's and HiMAP's published defaults", ""]
+    for m in r.get("matched", []):
+        lines.append(f"| calibrated at {m['against']}'s FLOPs ({m['schedule']['method']}) | {_pts(m['schedule'])} | "
+                     f"{m['flops']['ratio']:.3f} | {m['eval']['accuracy']:.4f} | {m['eval']['accuracy_drop']:+.4f} | "
+                     f"{m['calib']['accuracy']:.4f} |")
+    lines += ["", "## Against FastV's and HiMAP's published defaults", "",
+              "Per-sample flips on the same eval samples are given as (higher / lower), to show how many samples a "
+              "difference in accuracy is.", ""]
     for p in r["published"]:
-        if p["method"] not in ("fastv", "himap"):
+        if p["method"] not in COMPARED:
             continue
-        cheaper = r["flops"]["ratio"] <= p["flops"]["ratio"]
-        better = e["accuracy"] >= p["eval"]["accuracy"]
+        cheaper = r["flops"]["ratio"] <= p["flops"]["ratio"] + 1e-12
+        better = e["accuracy"] >= p["eval"]["accuracy"] - 1e-12
         verdict = "dominates it (no more FLOPs, at least as accurate)" if cheaper and better else (
             "uses fewer FLOPs but is less accurate" if cheaper else "is more accurate but uses more FLOPs" if better else "is worse")
+        f = p["eval"].get("calibrated_vs_default")
+        flips = f" ({f['higher']} / {f['lower']})" if f else ""
         lines.append(f"- {p['method']} default [{_pts(p['schedule'])}]: FLOPs {p['flops']['ratio']:.3f}, eval accuracy "
-                     f"{p['eval']['accuracy']:.4f}; the calibrated schedule ({r['flops']['ratio']:.3f}, {e['accuracy']:.4f}) {verdict}.")
+                     f"{p['eval']['accuracy']:.4f}; the calibrated schedule ({r['flops']['ratio']:.3f}, {e['accuracy']:.4f}) "
+                     f"{verdict}{flips}.")
     for m in r.get("matched", []):
         p = next(x for x in r["published"] if x["method"] == m["against"])
-        verdict = "at least as accurate" if m["eval"]["accuracy"] >= p["eval"]["accuracy"] else "less accurate"
-        lines.append(f"- at {m['against']}'s FLOPs: the calibrated method with its first keep set to fit, "
-                     f"[{_pts(m['schedule'])}], FLOPs {m['flops']['ratio']:.3f}, eval accuracy "
-                     f"{m['eval']['accuracy']:.4f}: {verdict} than the {m['against']} default "
-                     f"({p['eval']['accuracy']:.4f} at {p['flops']['ratio']:.3f}).")
+        verdict = ("is at least as accurate as" if dominates(m["flops"]["ratio"], m["eval"]["accuracy"], p)
+                   else "is less accurate than")
+        f = m["eval"]["vs_default"]
+        lines.append(f"- at {m['against']}'s FLOPs: calibration with flops_budget {p['flops']['ratio']:.3f} (the same search "
+                     f"and calibration split, the most accurate there) picks {m['schedule']['method']} [{_pts(m['schedule'])}], "
+                     f"FLOPs {m['flops']['ratio']:.3f}, eval accuracy {m['eval']['accuracy']:.4f}: it {verdict} the "
+                     f"{m['against']} default ({p['eval']['accuracy']:.4f} at {p['flops']['ratio']:.3f}; {f['higher']} / {f['lower']}).")
     lines += ["", f"Time: analysis {c['seconds']['analysis']} s, search {c['seconds']['search']} s, "
-              f"eval {c['seconds']['eval']} s (total {c['seconds']['total']} s).", ""]
+              f"eval and equal-FLOPs searches {c['seconds']['eval']} s (total {c['seconds']['total']} s).", ""]
     return "\n".join(lines)

@@ -13,10 +13,12 @@ import click
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(recipe_path, out, batch_size, as_json):
-    """Lowest-FLOPs schedule within the recipe's accuracy tolerance (method auto: fastv, himap, visipruner).
+    """Lowest-FLOPs schedule within the recipe's accuracy tolerance, or with pruning.calibrate.flops_budget
+    the most accurate schedule within that FLOPs ratio (method auto: fastv, himap, visipruner).
 
     Writes <artifact dir>/schedule.json and calibration.md (exit 6 and schedule.rejected.json when
-    no candidate is within tolerance)."""
+    no candidate meets the objective)."""
+    from vpexport.calibrate.search import COMPARED
     from vpexport.calibrate.search import calibrate as run
     from vpexport.recipe import load_recipe
 
@@ -32,6 +34,10 @@ def calibrate(recipe_path, out, batch_size, as_json):
     click.echo(f"  prefill FLOPs ratio {r['flops']['ratio']:.3f}; eval accuracy {e['accuracy']:.4f} vs unpruned "
                f"{e['unpruned_accuracy']:.4f} (drop {e['accuracy_drop']:+.4f}, {e['samples']} samples)")
     for p in r["published"]:
-        if p["method"] in ("fastv", "himap"):
+        if p["method"] in COMPARED:
             click.echo(f"  {p['method']} default: FLOPs {p['flops']['ratio']:.3f}, eval accuracy {p['eval']['accuracy']:.4f}")
+    for m in r["matched"]:
+        pts = ", ".join(f"L{p['layer']}:{p['keep']}" for p in m["schedule"]["points"])
+        click.echo(f"  calibrated at {m['against']}'s FLOPs: {m['schedule']['method']} [{pts}] FLOPs {m['flops']['ratio']:.3f}, "
+                   f"eval accuracy {m['eval']['accuracy']:.4f}")
     click.echo(f"  -> {r['dir']}/schedule.json ({r['calibration']['seconds']['total']} s)")

@@ -72,13 +72,18 @@ def build_plan(recipe_path: str, batch: int = 1) -> dict:
     if r.calibrating:
         cands = auto_candidates() if method == "auto" else [method]
         shown = r.default_schedule(arch, cands[0])
+        cfg = r.pruning.calibrate
+        keep = ("the cheapest within tolerance" if cfg.objective == "min_flops"
+                else f"the most accurate at a FLOPs ratio <= {cfg.flops_budget:g}")
         calib = {
             "method": method,
-            "tolerance": r.pruning.calibrate.tolerance,
-            "max_samples": r.pruning.calibrate.max_samples,
+            "objective": cfg.objective,
+            "tolerance": cfg.tolerance,
+            "flops_budget": cfg.flops_budget,
+            "max_samples": cfg.max_samples,
             "candidates": [_summary(arch, r.default_schedule(arch, m), layout) for m in cands],
             "note": (
-                f"method auto: calibration will try {', '.join(cands)} and keep the cheapest within tolerance; "
+                f"method auto: calibration will try {', '.join(cands)} and keep {keep}; "
                 f"the tables show {cands[0]}'s published default"
                 if method == "auto"
                 else f"the published {method} default is shown; calibration will replace it"
@@ -139,7 +144,9 @@ def render(p: dict) -> str:
     lines.append(f"schedule {sch['method']}: {pts}{sink}  [{sch['origin']}]")
     if p["calibration"]:
         c = p["calibration"]
-        lines.append(f"calibrate tolerance {c['tolerance']}, up to {c['max_samples']} samples: {c['note']}")
+        goal = (f"tolerance {c['tolerance']}" if c["objective"] == "min_flops"
+                else f"flops_budget {c['flops_budget']}" + (f", tolerance {c['tolerance']}" if c["tolerance"] is not None else ""))
+        lines.append(f"calibrate {goal}, up to {c['max_samples']} samples: {c['note']}")
         for cand in c["candidates"]:
             cp = ", ".join(f"{q['layer']}/{q['keep']}" for q in cand["schedule"]["points"]) or "-"
             lines.append(f"  candidate {cand['method']:<11} default {cp:<16} flops ratio {cand['flops_ratio']:.3f}  paper {cand['paper_ratio']:.3f}")

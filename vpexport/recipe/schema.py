@@ -118,10 +118,28 @@ class PointSection(Strict):
     keep_fraction: float | None = Field(None, gt=0, le=1)  # of the visual tokens present at this point
 
 
+DEFAULT_TOLERANCE = 0.01
+
+
 class CalibrateSection(Strict):
-    tolerance: float = Field(0.01, ge=0, le=1)  # max absolute accuracy drop vs dense (fraction)
+    """Two objectives. `tolerance` alone: the lowest exact prefill FLOPs whose calibration accuracy
+    drop stays within it. `flops_budget`: the highest calibration accuracy at an exact prefill FLOPs
+    ratio <= the budget (a latency target); with a tolerance too, that schedule must also stay within it."""
+
+    tolerance: float | None = Field(None, ge=0, le=1)  # max absolute accuracy drop vs dense (fraction)
+    flops_budget: float | None = Field(None, gt=0, lt=1)  # max exact prefill FLOPs ratio
     max_samples: int = Field(200, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _objective(self):
+        if self.tolerance is None and self.flops_budget is None:
+            self.tolerance = DEFAULT_TOLERANCE
+        return self
+
+    @property
+    def objective(self) -> str:
+        return "min_flops" if self.flops_budget is None else "max_accuracy"
 
 
 class PruningSection(Strict):
