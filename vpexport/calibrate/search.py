@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpexport.errors import CalibrationFailed, RecipeError
-from vpexport.recipe.schema import DEFAULT_TOLERANCE
 from vpexport.pruning.methods import METHODS
 from vpexport.pruning.schedule import Schedule
+from vpexport.recipe.schema import DEFAULT_TOLERANCE
 
 SEARCH_METHODS = ("fastv", "himap", "visipruner")
 BASELINES = ("random", "uniform")
@@ -502,10 +502,10 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     chosen = best.schedule
     per_sample: dict = {}
     ev = _eval_block(re_, chosen, eval_dense, per_sample)
-    published = []
+    published, defaults = [], {}
     for m in list(SEARCH_METHODS) + list(BASELINES):
         s = recipe.default_schedule(arch, m)
-        s = Schedule(s.method, s.points, s.sink_layers, cfg.seed, s.meta)
+        s = defaults[m] = Schedule(s.method, s.points, s.sink_layers, cfg.seed, s.meta)
         cal = rc.run(s)
         published.append({
             "method": m, "schedule": s.to_dict(), "flops": flops_of(s),
@@ -529,8 +529,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
                                       "accuracy_drop": c.drop, "first_token_kl": c.kl},
                             "eval": _eval_block(re_, c.schedule, eval_dense, per_sample),
                             "seconds": round(time.perf_counter() - t_m, 1)})
-            default = next(s for s in per_sample if s.to_dict() == p["schedule"])
-            matched[-1]["eval"]["vs_default"] = paired(per_sample[c.schedule], per_sample[default])
+            matched[-1]["eval"]["vs_default"] = paired(per_sample[c.schedule], per_sample[defaults[p["method"]]])
     t_e = time.perf_counter() - t_e
     calibration["seconds"]["eval"] = round(t_e, 1)
     calibration["seconds"]["total"] = round(time.perf_counter() - t0, 1)
