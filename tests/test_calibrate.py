@@ -382,13 +382,27 @@ def test_flops_budget_through_the_cli(mini_recipe, tmp_path, capsys):
     assert r["calibration"]["tolerance"] is None
     assert "highest calibration" in (out / "calibration.md").read_text()
 
-    rb.write_text(text.replace("flops_budget: 0.4,", "flops_budget: 0.01,"))
-    capsys.readouterr()
-    out2 = tmp_path / "art2"
-    assert cli(["calibrate", str(rb), "--out", str(out2)]) == 6
-    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
-    assert len(err) == 1 and "pruning.calibrate.flops_budget" in err[0] and "cheapest" in err[0]
-    assert not (out2 / "schedule.json").exists() and (out2 / "schedule.rejected.json").is_file()
+
+
+def test_unreachable_flops_budget_fails_before_any_weights_load(mini_recipe, tmp_path, capsys, monkeypatch):
+    """A budget below the cheapest schedule the search could try is a recipe error (exit 2), found by
+    `plan` and `calibrate` from the FLOPs accounting alone: no weights, no data, nothing written."""
+    import vpexport.model.pipeline as pipeline
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded for a recipe that cannot be calibrated")
+
+    monkeypatch.setattr(pipeline.TorchPipeline, "from_recipe", no_weights)
+    rb = tmp_path / "budget.yaml"
+    rb.write_text(mini_recipe.read_text().replace("calibrate: {tolerance: 0.05,", "calibrate: {flops_budget: 0.01,"))
+    out = tmp_path / "art"
+    for argv in (["plan", str(rb)], ["calibrate", str(rb), "--out", str(out)]):
+        capsys.readouterr()
+        assert cli(argv) == 2
+        err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+        assert len(err) == 1 and err[0].startswith("error: pruning.calibrate.flops_budget: no fastv/himap/visipruner")
+        assert "the cheapest is 0." in err[0] and "set it to at least 0." in err[0]
+    assert not out.exists()
 
 
 def test_budget_with_tolerance_fails_when_the_best_drops_too_much(arch_layout):

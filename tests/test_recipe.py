@@ -255,6 +255,8 @@ def test_calibrate_flops_budget(tmp_path, capsys):
     assert line.startswith("error: pruning.calibrate.flops_budget: Input should be less than 1")
     line = cli_error(capsys, write(tmp_path, patch(pruning={"method": "auto", "calibrate": {"flops_buget": 0.3}})))
     assert "flops_buget" in line and "flops_budget" in line
+    line = cli_error(capsys, write(tmp_path, patch(pruning={"method": "random", "calibrate": {"tolerance": 0.01}})))
+    assert line.startswith("error: pruning.calibrate: method random has nothing to calibrate")
     shipped = load_recipe(ROOT / "recipes" / "mini_vqa_latency.yaml").pruning.calibrate
     assert (shipped.objective, shipped.flops_budget, shipped.tolerance) == ("max_accuracy", 0.25, 0.02)
 

@@ -433,7 +433,6 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     from vpexport.calibrate.runner import Runner, accuracy
     from vpexport.data import load_samples
     from vpexport.paths import SCHEDULE_FILE, artifact_dir
-    from vpexport.recipe import auto_candidates
 
     if not recipe.calibrating:
         raise RecipeError(
@@ -445,9 +444,10 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     t0 = time.perf_counter()
     cfg = recipe.pruning.calibrate
     method = recipe.pruning.method
-    methods = [m for m in auto_candidates() if m in SEARCH_METHODS] if method == "auto" else [method]
+    methods = search_methods(recipe)
     arch = recipe.resolve_arch()
     layout = recipe.layout(arch)
+    check_budget(recipe, arch, layout)
     calib = load_samples(recipe.require_data("calib"), cfg.max_samples, field="task.data.calib")
     # fail early on a missing eval file, without reading it
     eval_path = recipe.require_data("eval")
@@ -551,6 +551,32 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     return result
 
 
+def search_methods(recipe) -> list[str]:
+    from vpexport.recipe import auto_candidates
+
+    method = recipe.pruning.method
+    return [m for m in auto_candidates() if m in SEARCH_METHODS] if method == "auto" else [method]
+
+
+def check_budget(recipe, arch, layout) -> None:
+    """A flops_budget below every schedule the search could try is a recipe error, found from the
+    FLOPs accounting alone (no weights, no data): the cheapest candidate keeps 1 token at layer 1
+    (and VisiPruner drops all at layer 2), whatever the analysis adds to the grid."""
+    cfg = recipe.pruning.calibrate
+    if cfg is None or cfg.flops_budget is None:
+        return
+    methods = search_methods(recipe)
+    cheapest = min(Search(None, arch, layout, methods, cfg.tolerance, progress=False).coarse(),
+                   key=lambda c: c.flops, default=None)
+    if cheapest is None or cfg.flops_budget < cheapest.flops - 1e-12:
+        low = f"; the cheapest is {cheapest.flops:.3f}" if cheapest else ""
+        raise RecipeError(
+            f"no {'/'.join(methods)} schedule fits flops_budget {cfg.flops_budget:g}{low} (exact prefill FLOPs ratio)",
+            field="pruning.calibrate.flops_budget",
+            fix=f"set it to at least {cheapest.flops:.3f}" if cheapest else "use a model with at least 3 decoder layers",
+        )
+
+
 def dominates(flops: float, accuracy: float, published: dict) -> bool:
     """No more FLOPs than the published default and at least as accurate on the eval split."""
     return flops <= published["flops"]["ratio"] + 1e-12 and accuracy >= published["eval"]["accuracy"] - 1e-12
@@ -560,10 +586,8 @@ def _failure(search: Search, best: Candidate | None, cfg, methods) -> tuple[str,
     """(message, field, fix) when the search found nothing acceptable, else None."""
     names = "/".join(methods)
     if cfg.objective == "max_accuracy":
-        if best is None:
-            cheapest = min(search.coarse(), key=lambda c: c.flops, default=None)
-            low = f" (the cheapest {names} schedule searched needs {cheapest.flops:.3f})" if cheapest else ""
-            return (f"no {names} schedule fits flops_budget {cfg.flops_budget:g}{low}", "pruning.calibrate.flops_budget",
+        if best is None:  # check_budget rules this out before any weights load; kept for direct callers
+            return (f"no {names} schedule fits flops_budget {cfg.flops_budget:g}", "pruning.calibrate.flops_budget",
                     "raise the budget")
         if cfg.tolerance is not None and best.drop > cfg.tolerance + 1e-9:
             return (f"the most accurate {names} schedule within flops_budget {cfg.flops_budget:g} drops "

@@ -70,6 +70,9 @@ def build_plan(recipe_path: str, batch: int = 1) -> dict:
     method = r.pruning.method
     calib = None
     if r.calibrating:
+        from vpexport.calibrate.search import check_budget
+
+        check_budget(r, arch, layout)
         cands = auto_candidates() if method == "auto" else [method]
         shown = r.default_schedule(arch, cands[0])
         cfg = r.pruning.calibrate

@@ -188,8 +188,13 @@ class PruningSection(Strict):
                 fix="remove sink_layers (or use " + ", ".join(sinkers) + ")",
             )
         if self.calibrate is not None:
-            if self.method == "none":
-                raise recipe_error("method none has nothing to calibrate", sub="calibrate", fix="remove calibrate")
+            if self.method in BASELINE_METHODS:
+                raise recipe_error(
+                    f"method {self.method} has nothing to calibrate"
+                    + ("" if self.method == "none" else " (a baseline: its points are yours to give)"),
+                    sub="calibrate",
+                    fix="remove calibrate" + ("" if self.method == "none" else " and give points, or use method auto"),
+                )
             return self
         points = self.points if self.points is not None else []
         if self.points is None and spec.rules:
