@@ -420,3 +420,12 @@ def test_budget_with_tolerance_fails_when_the_best_drops_too_much(arch_layout):
     msg, field, fix = _failure(s, best, cfg, ["fastv"])
     assert field == "pruning.calibrate.flops_budget" and "tolerance 0.05" in msg and "raise" in fix
     assert _failure(s, best, CalibrateSection(flops_budget=0.25), ["fastv"]) is None
+
+
+def test_paired_flips_and_sign_test():
+    from vpexport.calibrate.search import paired, sign_test
+
+    assert paired([1, 1, 0, 0.5], [0, 1, 1, 0.25]) == {"higher": 2, "lower": 1, "sign_test_p": 1.0}
+    assert sign_test(0, 5) == pytest.approx(0.0625)  # 2 * 0.5**5
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(10, 0) == pytest.approx(2 / 1024)

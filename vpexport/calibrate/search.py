@@ -419,9 +419,21 @@ def _eval_block(runner, schedule, dense_acc, scores: dict | None = None) -> dict
 
 
 def paired(a: list[float], b: list[float]) -> dict:
-    """Samples on which `a` scores higher / lower than `b` (the same eval samples): how much of a
-    difference in accuracy is a handful of flips."""
-    return {"higher": sum(x > y + 1e-12 for x, y in zip(a, b)), "lower": sum(x < y - 1e-12 for x, y in zip(a, b))}
+    """Samples on which `a` scores higher / lower than `b` (the same eval samples), and the two-sided
+    exact sign test on them: how much of a difference in accuracy is a handful of flips."""
+    hi = sum(x > y + 1e-12 for x, y in zip(a, b))
+    lo = sum(x < y - 1e-12 for x, y in zip(a, b))
+    return {"higher": hi, "lower": lo, "sign_test_p": sign_test(hi, lo)}
+
+
+def sign_test(hi: int, lo: int) -> float:
+    """Two-sided exact binomial (p = 1/2) test of hi vs lo; 1.0 when there are no differences."""
+    from math import comb
+
+    n, k = hi + lo, min(hi, lo)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, analysis_samples: int | None = None) -> dict:
@@ -643,8 +655,8 @@ def report_md(r: dict, task: str) -> str:
                      f"{m['flops']['ratio']:.3f} | {m['eval']['accuracy']:.4f} | {m['eval']['accuracy_drop']:+.4f} | "
                      f"{m['calib']['accuracy']:.4f} |")
     lines += ["", "## Against FastV's and HiMAP's published defaults", "",
-              "Per-sample flips on the same eval samples are given as (higher / lower), to show how many samples a "
-              "difference in accuracy is.", ""]
+              "Per-sample differences on the same eval samples are given as (higher / lower) with a two-sided exact "
+              "sign test, to show how many samples a difference in accuracy is.", ""]
     for p in r["published"]:
         if p["method"] not in COMPARED:
             continue
@@ -653,7 +665,7 @@ def report_md(r: dict, task: str) -> str:
         verdict = "dominates it (no more FLOPs, at least as accurate)" if cheaper and better else (
             "uses fewer FLOPs but is less accurate" if cheaper else "is more accurate but uses more FLOPs" if better else "is worse")
         f = p["eval"].get("calibrated_vs_default")
-        flips = f" ({f['higher']} / {f['lower']})" if f else ""
+        flips = f" ({f['higher']} / {f['lower']}, sign test p = {f['sign_test_p']:.2g})" if f else ""
         lines.append(f"- {p['method']} default [{_pts(p['schedule'])}]: FLOPs {p['flops']['ratio']:.3f}, eval accuracy "
                      f"{p['eval']['accuracy']:.4f}; the calibrated schedule ({r['flops']['ratio']:.3f}, {e['accuracy']:.4f}) "
                      f"{verdict}{flips}.")
@@ -665,7 +677,8 @@ def report_md(r: dict, task: str) -> str:
         lines.append(f"- at {m['against']}'s FLOPs: calibration with flops_budget {p['flops']['ratio']:.3f} (the same search "
                      f"and calibration split, the most accurate there) picks {m['schedule']['method']} [{_pts(m['schedule'])}], "
                      f"FLOPs {m['flops']['ratio']:.3f}, eval accuracy {m['eval']['accuracy']:.4f}: it {verdict} the "
-                     f"{m['against']} default ({p['eval']['accuracy']:.4f} at {p['flops']['ratio']:.3f}; {f['higher']} / {f['lower']}).")
+                     f"{m['against']} default ({p['eval']['accuracy']:.4f} at {p['flops']['ratio']:.3f}; {f['higher']} / {f['lower']}, "
+                     f"sign test p = {f['sign_test_p']:.2g}).")
     lines += ["", f"Time: analysis {c['seconds']['analysis']} s, search {c['seconds']['search']} s, "
               f"eval and equal-FLOPs searches {c['seconds']['eval']} s (total {c['seconds']['total']} s).", ""]
     return "\n".join(lines)
