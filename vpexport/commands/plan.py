@@ -10,7 +10,7 @@ import click
 from vpexport.accounting import decode_step_flops, kv_cache_bytes, paper_flops, prefill_flops, weight_params
 from vpexport.accounting.memory import dtype_bytes
 from vpexport.pruning.methods import METHODS
-from vpexport.recipe import auto_candidates, load_recipe
+from vpexport.recipe import load_recipe
 
 
 def _flops(x: float) -> str:
@@ -70,10 +70,10 @@ def build_plan(recipe_path: str, batch: int = 1) -> dict:
     method = r.pruning.method
     calib = None
     if r.calibrating:
-        from vpexport.calibrate.search import check_budget
+        from vpexport.calibrate.search import check_budget, search_methods
 
         check_budget(r, arch, layout)
-        cands = auto_candidates() if method == "auto" else [method]
+        cands = search_methods(r)
         shown = r.default_schedule(arch, cands[0])
         cfg = r.pruning.calibrate
         keep = ("the cheapest within tolerance" if cfg.objective == "min_flops"
