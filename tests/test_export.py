@@ -182,11 +182,17 @@ def test_fp16_export(ckpt, tmp_path):
 
     rp = write_recipe(tmp_path / "half.yaml", ckpt, "fastv", precision="fp16")
     export_py(rp, tmp_path / "art")
-    m = onnx.load(str(tmp_path / "art" / "onnx" / "prefill.onnx"))
-    big = [i for i in m.graph.initializer if len(i.dims) == 2]
-    half = sum(len(i.raw_data) for i in big if i.data_type == onnx.TensorProto.FLOAT16)
-    # (the legacy exporter keeps o_proj in fp32 after its fp16 SDPA decomposition: see docs/export.md)
-    assert half > 0.8 * sum(len(i.raw_data) for i in big)
+    for graph in ("vision", "prefill", "decode"):
+        m = onnx.load(str(tmp_path / "art" / "onnx" / f"{graph}.onnx"))
+        big = [i for i in m.graph.initializer if len(i.dims) == 2]
+        # every weight matrix in fp16, o_proj included (with the old bool-mask SDPA the exporter's fp32
+        # attention core kept each o_proj in fp32), and every MatMul runs on fp16 inputs
+        assert big and all(i.data_type == onnx.TensorProto.FLOAT16 for i in big), (graph, [i.name for i in big if i.data_type != onnx.TensorProto.FLOAT16])
+        inferred = onnx.shape_inference.infer_shapes(m).graph
+        types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+        types.update({i.name: i.data_type for i in m.graph.initializer})
+        matmuls = [n for n in inferred.node if n.op_type == "MatMul"]
+        assert matmuls and all(types.get(x) == onnx.TensorProto.FLOAT16 for n in matmuls for x in n.input), graph
     from vpexport.model.loading import load_llava
     from vpexport.model.pruned import PrunedLlava
     from vpexport.recipe import load_recipe
