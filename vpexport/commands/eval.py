@@ -48,5 +48,6 @@ def eval_cmd(recipe_path, split, limit, batch_size, out, as_json):
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(f"{recipe.name} [{split}] method={sched.method} points={[(p.layer, p.keep) for p in sched.points]}")
-    click.echo(f"  {result['metric']}: {result['accuracy']:.4f}  exact_match: {result['exact_match']:.4f}  samples: {result['samples']}")
+    em = f"  exact_match: {result['exact_match']:.4f}" if result["metric"] != "exact_match" else ""
+    click.echo(f"  {result['metric']}: {result['accuracy']:.4f}{em}  samples: {result['samples']}")
     click.echo(f"  prefill FLOPs ratio: {result['flops']['ratio']:.3f}  time: {result['seconds']} s")
