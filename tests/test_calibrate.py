@@ -384,6 +384,44 @@ def test_flops_budget_through_the_cli(mini_recipe, tmp_path, capsys):
 
 
 
+def test_equal_flops_rows_on_the_trained_checkpoint(mini_setup, tmp_path):
+    """Where the chosen schedule does not dominate a default, the report gets the budget search at that
+    default's FLOPs: it fits the budget, it is measured on eval, and the per-sample differences add up."""
+    ckpt = Path(__file__).resolve().parents[1] / "vpexport" / "testbed" / "checkpoints" / "mini-llava"
+    # tolerance 1: the cheapest fastv schedule passes, and is far less accurate than FastV's default
+    r = write_recipe(tmp_path, ckpt, mini_setup / "data", tolerance=1.0)
+    r.write_text(r.read_text().replace("method: auto", "method: fastv"))
+    out = tmp_path / "art"
+    assert cli(["calibrate", str(r), "--out", str(out), "--json"]) == 0
+    res = json.loads((out / "schedule.json").read_text())
+    pub = {p["method"]: p for p in res["published"]}
+    assert res["eval"]["accuracy"] < pub["fastv"]["eval"]["accuracy"]
+    rows = {m["against"]: m for m in res["matched"]}
+    assert "fastv" in rows
+    for against, m in rows.items():
+        assert m["schedule"]["method"] == "fastv" and m["flops"]["ratio"] <= pub[against]["flops"]["ratio"] + 1e-12
+        d = m["eval"]["vs_default"]
+        n = res["eval"]["samples"]
+        assert d["higher"] + d["lower"] <= n and 0 < d["sign_test_p"] <= 1
+        # the accuracy difference is made of those per-sample differences (exact match: one sample each)
+        assert (m["eval"]["accuracy"] - pub[against]["eval"]["accuracy"]) * n == pytest.approx(d["higher"] - d["lower"])
+    assert "at fastv's FLOPs: calibration with flops_budget" in (out / "calibration.md").read_text()
+
+
+def test_compare_false_skips_the_equal_flops_searches(mini_recipe, tmp_path, monkeypatch):
+    """`compare: false`: no budget search after the main one, `matched` empty, the report says so."""
+    import vpexport.calibrate.search as S
+
+    rb = tmp_path / "nocompare.yaml"
+    rb.write_text(mini_recipe.read_text().replace("calibrate: {tolerance: 0.05,", "calibrate: {compare: false, tolerance: 0.05,"))
+    monkeypatch.setattr(S.Search, "run_budget", lambda self, b: (_ for _ in ()).throw(AssertionError("budget search ran")))
+    out = tmp_path / "art"
+    assert cli(["calibrate", str(rb), "--out", str(out), "--json"]) == 0
+    r = json.loads((out / "schedule.json").read_text())
+    assert r["matched"] == [] and r["calibration"]["compare"] is False
+    assert "equal-FLOPs searches skipped" in (out / "calibration.md").read_text()
+
+
 def test_unreachable_flops_budget_fails_before_any_weights_load(mini_recipe, tmp_path, capsys, monkeypatch):
     """A budget below the cheapest schedule the search could try is a recipe error (exit 2), found by
     `plan` and `calibrate` from the FLOPs accounting alone: no weights, no data, nothing written."""

@@ -491,7 +491,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
                 "with_vision_ratio": f["with_vision"]["ratio"], "paper_ratio": paper_flops(arch, s, layout)["ratio"]}
 
     calibration = {"samples": len(calib), "unpruned_accuracy": calib_dense, "objective": cfg.objective,
-                   "tolerance": cfg.tolerance, "flops_budget": cfg.flops_budget,
+                   "tolerance": cfg.tolerance, "flops_budget": cfg.flops_budget, "compare": cfg.compare,
                    "seed": cfg.seed, "methods": methods, "candidates_tried": len(search.tried),
                    "seconds": {"analysis": round(t_an, 1), "search": round(t_s, 1)}, "seeds": analysis["seeds"]}
     failure = _failure(search, best, cfg, methods)
@@ -531,7 +531,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     tried_main = search.candidates()
     matched = []
     for p in published:
-        if p["method"] not in COMPARED or dominates(flops_of(chosen)["ratio"], ev["accuracy"], p):
+        if not cfg.compare or p["method"] not in COMPARED or dominates(flops_of(chosen)["ratio"], ev["accuracy"], p):
             continue
         t_m = time.perf_counter()
         c = search.run_budget(p["flops"]["ratio"])
@@ -669,6 +669,8 @@ def report_md(r: dict, task: str) -> str:
         lines.append(f"- {p['method']} default [{_pts(p['schedule'])}]: FLOPs {p['flops']['ratio']:.3f}, eval accuracy "
                      f"{p['eval']['accuracy']:.4f}; the calibrated schedule ({r['flops']['ratio']:.3f}, {e['accuracy']:.4f}) "
                      f"{verdict}{flips}.")
+    if c.get("compare") is False:
+        lines.append("- equal-FLOPs searches skipped (`pruning.calibrate.compare: false`).")
     for m in r.get("matched", []):
         p = next(x for x in r["published"] if x["method"] == m["against"])
         verdict = ("is at least as accurate as" if dominates(m["flops"]["ratio"], m["eval"]["accuracy"], p)

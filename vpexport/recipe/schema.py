@@ -130,6 +130,9 @@ class CalibrateSection(Strict):
     flops_budget: float | None = Field(None, gt=0, lt=1)  # max exact prefill FLOPs ratio
     max_samples: int = Field(200, ge=1)
     seed: int = 0
+    # the report's equal-FLOPs rows: a budget search per FastV/HiMAP default the schedule does not
+    # dominate (hundreds of candidates: minutes on the mini model, far longer on a 7B one)
+    compare: bool = True
 
     @model_validator(mode="after")
     def _objective(self):
