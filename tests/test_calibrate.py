@@ -298,7 +298,7 @@ class BatchedFakeRunner(FakeRunner):
         return res
 
 
-def _brute_force(search, runner, pool, budget):
+def _brute_force(runner, pool, budget):
     """(accuracy, kl) of the best candidate by full evaluation: max accuracy, then min KL."""
     import torch
 
@@ -329,7 +329,7 @@ def test_budget_search_is_the_most_accurate_within_budget(arch_layout, budget):
     assert best is not None and best.complete and best.flops <= budget + 1e-12
     assert best.passed is None  # no tolerance: nothing to pass
     pool = s.coarse() + s.fine(best)
-    assert (best.accuracy, best.kl) == pytest.approx(_brute_force(s, fr, pool, budget))
+    assert (best.accuracy, best.kl) == pytest.approx(_brute_force(fr, pool, budget))
     stopped = [c for c in s.tried.values() if not c.complete]
     assert stopped, "losers should be stopped before the last batch"
     assert all(c.samples < len(fr.samples) for c in stopped)
@@ -365,7 +365,7 @@ def test_budget_search_reuses_full_results_only(arch_layout):
     assert lo.accuracy <= hi.accuracy
     rerun = fr.runs[n_hi:]
     assert hi.schedule not in rerun
-    assert (lo.accuracy, lo.kl) == pytest.approx(_brute_force(s, fr, s.coarse() + s.fine(lo), 0.3))
+    assert (lo.accuracy, lo.kl) == pytest.approx(_brute_force(fr, s.coarse() + s.fine(lo), 0.3))
 
 
 def test_flops_budget_through_the_cli(mini_recipe, tmp_path, capsys):

@@ -160,7 +160,7 @@ class Runner:
                 res.preds.append(pred)
                 res.scores.append(sample_score(self.task, pred, ref))
             if len(res.scores) < total:
-                hopeless = min_accuracy is not None and (sum(res.scores) + total - len(res.scores)) / total < min_accuracy - 1e-9
+                hopeless = min_accuracy is not None and best_case(res.scores, total) < min_accuracy - 1e-9
                 if hopeless or (stop is not None and stop(res)):
                     res.complete = False
                     break
@@ -181,6 +181,11 @@ def first_token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> list[float
 
     lp, lq = F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1)
     return (lp.exp() * (lp - lq)).sum(-1).tolist()
+
+
+def best_case(scores: list[float], total: int) -> float:
+    """The accuracy over `total` samples if every one not in `scores` yet were right (an upper bound)."""
+    return (sum(scores) + total - len(scores)) / total
 
 
 def accuracy(scores: list[float]) -> float:

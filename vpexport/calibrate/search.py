@@ -221,7 +221,7 @@ class Search:
     def evaluate(self, c: Candidate) -> Candidate:
         if c.key in self.tried:
             return self.tried[c.key]
-        from vpexport.calibrate.runner import accuracy
+        from vpexport.calibrate.runner import accuracy, best_case
 
         f = self.dominated_by_failure(c)
         if f is not None:
@@ -236,10 +236,8 @@ class Search:
         if res.complete:
             c.drop = self.dense_acc - c.accuracy
             c.passed = c.drop <= self.tol + 1e-9
-        else:
-            # an upper bound on the accuracy: every sample not evaluated counted as correct
-            total = len(self.runner.samples)
-            c.drop = self.dense_acc - (sum(res.scores) + total - len(res.scores)) / total
+        else:  # a lower bound on the drop
+            c.drop = self.dense_acc - best_case(res.scores, len(self.runner.samples))
             c.passed = False
         if not c.passed:
             self.failed.append(c)
@@ -306,7 +304,7 @@ class Search:
         Complete results are cached; a stopped one is not (it only lost against that `best`)."""
         import torch
 
-        from vpexport.calibrate.runner import accuracy, first_token_kl
+        from vpexport.calibrate.runner import accuracy, best_case, first_token_kl
 
         old = self.tried.get(c.key)
         if old is not None and old.kl is not None:
@@ -316,7 +314,7 @@ class Search:
 
         def cannot_win(r) -> bool:
             n = len(r.scores)
-            if (sum(r.scores) + total - n) / total > best.accuracy + 1e-9:
+            if best_case(r.scores, total) > best.accuracy + 1e-9:
                 return False
             return sum(first_token_kl(dense_logits[:n], torch.cat(r.first_logits))) / total >= best.kl
 
@@ -325,7 +323,7 @@ class Search:
         c.samples, c.complete = len(res.scores), res.complete
         if not res.complete:
             c.accuracy, c.passed = None, False
-            c.drop = self.dense_acc - (sum(res.scores) + total - len(res.scores)) / total  # an upper bound
+            c.drop = self.dense_acc - best_case(res.scores, total)  # a lower bound on the drop
             self.tried.setdefault(c.key, c)
             return c
         c.accuracy = accuracy(res.scores)
@@ -399,12 +397,16 @@ def run_analysis(recipe, out, samples: int, batch_size: int = 32):
     pipe = _pipeline(recipe)
     with tqdm(total=len(data), desc="encode", unit="sample", leave=False) as bar:
         runner = Runner(pipe, data, recipe.task.type, batch_size, progress=bar)
-    tol = recipe.pruning.calibrate.tolerance if recipe.calibrating else None
-    tol = DEFAULT_TOLERANCE if tol is None else tol
     with tqdm(total=len(runner.batches) + runner.L, desc="analyze", leave=False) as bar:
-        a = analyze_runner(runner, bar, tolerance=tol)
+        a = analyze_runner(runner, bar, tolerance=causal_tolerance(recipe))
     a["recipe"] = recipe.name
     return a, write_analysis(a, artifact_dir(recipe, out) / "analysis", recipe.name)
+
+
+def causal_tolerance(recipe) -> float:
+    """The accuracy change the analysis's causal check allows: the recipe's tolerance, else the default."""
+    cfg = recipe.pruning.calibrate
+    return DEFAULT_TOLERANCE if cfg is None or cfg.tolerance is None else cfg.tolerance
 
 
 def _eval_block(runner, schedule, dense_acc, scores: dict | None = None) -> dict:
@@ -474,7 +476,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     # analysis on the calibration cache seeds the search
     t_an = time.perf_counter()
     with tqdm(total=len(rc.batches) + rc.L, desc="analyze", leave=False, disable=not progress) as bar:
-        analysis = analyze_runner(rc, bar, tolerance=DEFAULT_TOLERANCE if cfg.tolerance is None else cfg.tolerance)
+        analysis = analyze_runner(rc, bar, tolerance=causal_tolerance(recipe))
     analysis["recipe"] = recipe.name
     write_analysis(analysis, dest / "analysis", recipe.name)
     t_an = time.perf_counter() - t_an
