@@ -18,7 +18,7 @@ def testbed():
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (e.g. data/mini).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--n-train", default=0, show_default=True, type=int, help="Training images to write (0: none).")
-@click.option("--n-calib", default=300, show_default=True, type=int)
+@click.option("--n-calib", default=600, show_default=True, type=int)
 @click.option("--n-eval", default=300, show_default=True, type=int)
 def data_cmd(out, seed, n_train, n_calib, n_eval):
     """Write vqa/ and caption/ JSONL splits with PNG images, deterministically from --seed."""

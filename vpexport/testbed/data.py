@@ -174,7 +174,7 @@ def write_split(out: Path, split: str, n_images: int, seed: int, imgs, labels, p
     return {t: len(recs[t]) for t in TASKS}
 
 
-def generate(out: str | Path, seed: int = 0, n_train: int = 0, n_calib: int = 300, n_eval: int = 300) -> dict:
+def generate(out: str | Path, seed: int = 0, n_train: int = 0, n_calib: int = 600, n_eval: int = 300) -> dict:
     """Deterministically (re)generate data/mini-style splits under `out`."""
     out = Path(out)
     imgs, labels = load_digit_bank()
