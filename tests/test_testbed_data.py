@@ -96,3 +96,19 @@ def test_shipped_data_matches_splits():
             assert img.shape == (D.IMAGE_SIZE, D.IMAGE_SIZE)
     total = sum(p.stat().st_size for p in MINI.rglob("*") if p.is_file())
     assert total < 5_000_000
+
+
+def test_shipped_data_is_the_generator_default(tmp_path):
+    """docs/testbed.md: `vpexport testbed data --out data/mini --seed 0` rewrites the shipped files
+    bit-identically (so a recipe's calib/eval split is the generator's, and its defaults match them)."""
+    from click.testing import CliRunner
+
+    from vpexport.testbed.cli import testbed
+
+    r = CliRunner().invoke(testbed, ["data", "--out", str(tmp_path), "--seed", "0"])
+    assert r.exit_code == 0, r.output
+    made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    shipped = sorted(p.relative_to(MINI) for p in MINI.rglob("*") if p.is_file())
+    assert made == shipped
+    for f in made:
+        assert (tmp_path / f).read_bytes() == (MINI / f).read_bytes(), f
