@@ -77,6 +77,9 @@ class FakeRunner:
         scores = [1.0 if t > th else 0.0 for th in self.thresholds]
         return RunResult(scores, ["x"] * len(scores))
 
+    def drop_segments(self):
+        pass
+
 
 @pytest.fixture(scope="module")
 def arch_layout():
@@ -280,7 +283,7 @@ class BatchedFakeRunner(FakeRunner):
         r.first_logits = [self._logits(10**6, len(self.samples))]
         return r
 
-    def run(self, schedule, min_accuracy=None, keep_logits=False, pl=None, stop=None):
+    def run(self, schedule, min_accuracy=None, keep_logits=False, pl=None, stop=None, share=False):
         self.runs.append(schedule)
         t = self._tokens(schedule)
         res = RunResult([], [])
@@ -350,6 +353,41 @@ def test_budget_search_ties_go_to_the_least_disturbed_model(arch_layout):
     complete = [c for c in s.tried.values() if c.complete]
     assert best.kl == min(c.kl for c in complete)
     assert best.flops > min(c.flops for c in complete)
+
+
+def test_budget_search_runs_a_shared_first_point_together(arch_layout):
+    """Candidates with two or more points and the same first point are scored one after another
+    with `share` (the runner keeps only the latest first segment); the others without it. The
+    result is the one of the brute-force order (order changes the time, not the winner)."""
+    from vpexport.calibrate.search import _first_point
+
+    arch, layout = arch_layout
+
+    class Recording(BatchedFakeRunner):
+        def __init__(self):
+            super().__init__()
+            self.shared = []
+
+        def run(self, schedule, *a, share=False, **k):
+            self.shared.append(share)
+            return super().run(schedule, *a, **k)
+
+    fr = Recording()
+    s = Search(fr, arch, layout, ["himap", "visipruner"], None, progress=False)
+    s.prepare()
+    best = s.maximize(s.coarse(), 0.6, None, "test")
+    firsts = [_first_point(c) for c in (s.make(x.method, [(p.layer, p.keep) for p in x.points], x.sink_layers)
+                                        for x in fr.runs)]
+    groups = [g for g in firsts if g is not None]
+    assert len(set(groups)) < len(groups), "the grid should have shared first points"
+    seen, prev = set(), None
+    for g, shared in zip(firsts, fr.shared):
+        if g is not None and g != prev:
+            assert g not in seen, f"first point {g} scored in two runs apart"
+            seen.add(g)
+        assert shared == (g is not None and groups.count(g) > 1)
+        prev = g
+    assert (best.accuracy, best.kl) == pytest.approx(_brute_force(fr, s.coarse(), 0.6))
 
 
 def test_budget_search_reuses_full_results_only(arch_layout):
@@ -467,3 +505,52 @@ def test_paired_flips_and_sign_test():
     assert sign_test(0, 5) == pytest.approx(0.0625)  # 2 * 0.5**5
     assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
     assert sign_test(10, 0) == pytest.approx(2 / 1024)
+
+
+# ---------------------------------------------------------------------------- the runner's resumed prefill
+RESUME_CASES = [
+    ("fastv", [(2, 36)], 0),
+    ("himap", [(1, 72), (4, 18)], 0),
+    ("himap", [(1, 72), (6, 10)], 0),  # the same first point: its recorded segment is reused
+    ("himap", [(3, 36), (4, 30), (6, 4)], 0),
+    ("visipruner", [(2, 20), (6, 0)], 1),
+    ("visipruner", [(1, 11), (7, 0)], 0),
+    ("random", [(1, 36)], 0),
+]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_resumed_prefill_equals_prefill(mini_recipe, share):
+    """runner.py's contract: a candidate resumed from the dense cache (and, with sharing, from the
+    cached first segment of another candidate with the same first point) gives exactly the logits
+    and KV cache of `PrunedLlava.prefill` on the same schedule."""
+    import torch
+
+    from vpexport.calibrate.runner import Runner
+    from vpexport.calibrate.search import _pipeline
+    from vpexport.data import load_samples
+    from vpexport.model.pruned import PrunedLlava
+    from vpexport.pruning.methods import METHODS
+    from vpexport.recipe import load_recipe
+
+    recipe = load_recipe(mini_recipe)
+    pipe = _pipeline(recipe)
+    rc = Runner(pipe, load_samples(recipe.require_data("calib")), "vqa", batch_size=4)
+    assert len(rc.batches) == 2
+    for method, points, sink in RESUME_CASES:
+        s = METHODS[method].schedule(points, sink_layers=sink, seed=3)
+        pl = PrunedLlava(pipe.model, s, rc.p)
+        for b, eb in enumerate(rc.batches):
+            with torch.inference_mode():
+                ref = pl.prefill(eb.ids, eb.mask, eb.feats)
+            logits, kv = rc.prefill(b, s, share=share)
+            assert torch.equal(logits, ref.logits), (method, points, b)
+            assert len(kv) == len(ref.kv) == rc.L
+            for (k, v), (rk, rv) in zip(kv, ref.kv):
+                assert torch.equal(k, rk) and torch.equal(v, rv), (method, points, b)
+    if share:
+        a, b2 = (METHODS["himap"].schedule(pts, seed=3) for pts in ([(1, 72), (4, 18)], [(1, 72), (6, 10)]))
+        seg = rc.segment_state(0, a)
+        assert rc.segment_state(0, b2) is seg  # recorded once per first point
+        rc.segment_state(0, METHODS["himap"].schedule([(2, 72), (4, 18)], seed=3))
+        assert rc.segment_state(0, a) is not seg  # only the latest first point is kept

@@ -5,8 +5,14 @@ dense model (with the same sink stage), so one dense pass per (batch, sink_layer
 every layer i: the hidden state entering layer i, the layer's KV cache, and every rule's score
 read from layer i (for a point at i + 1). A candidate then resumes at K1 from that state, runs
 only layers K1..L-1 (the same maths as `PrunedLlava.prefill`, with the candidate's own
-`PrunedLlava` pieces) and decodes greedily with `PrunedLlava.decode`. `tests/test_calibrate.py`
-checks that the resumed logits equal `PrunedLlava.prefill` on the same schedule.
+`PrunedLlava` pieces) and decodes greedily with `PrunedLlava.decode`.
+
+Candidates with two or more points that share their first point (layer, keep, rule, sink stage)
+are also the same model up to their second point K2. With `share=True` the runner records that
+first segment once per batch (the same per-layer record as the dense pass) and resumes each of
+them at K2; only the most recent first point is kept, so callers order candidates by it.
+`tests/test_calibrate.py` checks that both resumptions give exactly the logits and KV cache of
+`PrunedLlava.prefill` on the same schedule.
 
 Images are encoded once per batch (vision tower + projector), and the dense answers once.
 """
@@ -18,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from vpexport.evaluation import exact_match, token_f1
-from vpexport.model.pruned import PrunedLlava
+from vpexport.model.pruned import DecoderState, PrunedLlava
 from vpexport.pruning.schedule import Schedule
 
 SCORE_RULES = ("last_token_attention", "text_attention", "visual_attention", "value_contribution")
@@ -42,10 +48,21 @@ class EncodedBatch:
 class DenseState:
     """What the dense pass (with a given sink stage) leaves at each layer, for one batch."""
 
-    h_in: list[torch.Tensor]  # hidden state entering layer i
+    h_in: dict[int, torch.Tensor]  # layer i -> hidden state entering it
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     scores: dict[tuple[str, int], torch.Tensor]  # (rule, layer i) -> (B, N) scores read from layer i
     logits: torch.Tensor  # (B, V) dense last-position logits
+
+
+@dataclass
+class SegmentState:
+    """The first segment of schedules sharing a first point: the state right after that point's
+    pruning (positions, kept tokens), and per layer from there on what `DenseState` holds."""
+
+    pruned: DecoderState  # entering the first point's layer, after its pruning (h: that layer's input)
+    h_in: dict[int, torch.Tensor]  # layer i >= first point -> hidden state entering it
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # every layer (dense ones before the first point)
+    scores: dict[tuple[str, int], torch.Tensor]
 
 
 @dataclass
@@ -81,6 +98,8 @@ class Runner:
                 if progress is not None:
                     progress.update(len(chunk))
         self._dense: dict[tuple[int, int], DenseState] = {}
+        self._segments: dict[int, SegmentState] = {}  # batch -> first segment of `_segment_key`
+        self._segment_key: tuple | None = None
         self._models: dict[Schedule, PrunedLlava] = {}
         self.dense_result: RunResult | None = None
 
@@ -102,34 +121,78 @@ class Runner:
     def _dense_pass(self, eb: EncodedBatch, sink: int) -> DenseState:
         """`PrunedLlava.prefill` with no prune point (sink stage `sink`), recording every layer."""
         pl = self.model_for(Schedule("none", sink_layers=sink))
-        h_in, scores = [], {}
-
-        def observe(i, st, q, kr, vr, allowed, last_idx):
-            h_in.append(st.h)
-            if i >= sink and i < self.L - 1:  # a point at i + 1 must come after the sink stage
-                for rule in SCORE_RULES:
-                    scores[(rule, i)] = pl._score(rule, q, kr, vr, allowed, st.key_valid, last_idx, self.p, st.n)
-
+        h_in, scores = {}, {}
+        observe = self._observer(pl, sink, h_in, scores)
         st, kv, _ = pl.run_layers(pl.start_state(eb.ids, eb.mask, eb.feats), observe=observe)
         return DenseState(h_in, kv, scores, pl.finish(st))
 
     # ------------------------------------------------------------------ resumed prefill
+    def _observer(self, pl: PrunedLlava, sink: int, h_in: dict, scores: dict):
+        """`run_layers` observer recording what a later prune point resumes from: the hidden state
+        entering each layer and every rule's score read from it (the maths of run_layers' own call)."""
+
+        def observe(i, st, q, kr, vr, allowed, last_idx):
+            h_in[i] = st.h
+            if i >= sink and i < self.L - 1 and st.n > 0:  # a point at i + 1 must come after the sink stage
+                for rule in SCORE_RULES:
+                    scores[(rule, i)] = pl._score(rule, q, kr, vr, allowed, st.key_valid, last_idx, self.p, st.n)
+
+        return observe
+
+    def _resume(self, b: int, pl: PrunedLlava, start: int, h: torch.Tensor, scores: dict, base=None):
+        """The state entering layer `start` (a prune point of `pl`), with that point's score."""
+        eb = self.batches[b]
+        point = pl.points[start]
+        base = base if base is not None else pl.start_state(eb.ids, eb.mask, eb.feats)
+        return replace(base, h=h, score=scores.get((point.rule, start - 1)) if point.rule in SCORE_RULES else None)
+
     @torch.inference_mode()
-    def prefill(self, b: int, schedule: Schedule, pl: PrunedLlava | None = None):
-        """(logits, kv) of `schedule` on batch b, resuming the dense pass at the first prune point."""
+    def segment_state(self, b: int, schedule: Schedule) -> SegmentState:
+        """The first segment (first point up to the last layer) of schedules that share `schedule`'s
+        first point, for batch b; recorded once per batch while that first point stays the same."""
+        first = schedule.points[0]  # points are in increasing layer order (Schedule.check)
+        key = (schedule.method, schedule.sink_layers, schedule.seed, first.layer, first.keep, first.rule)
+        if key != self._segment_key:
+            self._segments.clear()
+            self._segment_key = key
+        if b not in self._segments:
+            one = Schedule(schedule.method, (first,), schedule.sink_layers, schedule.seed)
+            pl = self.model_for(one)
+            dense = self.dense_state(b, schedule.sink_layers)
+            h_in, scores, pruned = {}, {}, []
+            observe = self._observer(pl, schedule.sink_layers, h_in, scores)
+
+            def record(i, st, *a):
+                if not pruned:
+                    pruned.append(st)
+                observe(i, st, *a)
+
+            st = self._resume(b, pl, first.layer, dense.h_in[first.layer], dense.scores)
+            _, kv, _ = pl.run_layers(st, first.layer, kv=list(dense.kv[: first.layer]), observe=record)
+            self._segments[b] = SegmentState(pruned[0], h_in, kv, scores)
+        return self._segments[b]
+
+    def drop_segments(self) -> None:
+        self._segments.clear()
+        self._segment_key = None
+
+    @torch.inference_mode()
+    def prefill(self, b: int, schedule: Schedule, pl: PrunedLlava | None = None, share: bool = False):
+        """(logits, kv) of `schedule` on batch b, resuming the dense pass at the first prune point, or
+        with `share` and two or more points, the shared first segment at the second."""
         pl = pl or self.model_for(schedule)
         dense = self.dense_state(b, schedule.sink_layers)
         if not pl.points:
             return dense.logits, dense.kv
-        eb = self.batches[b]
-        start = min(pl.points)
-        first = pl.points[start]
+        if share and len(pl.points) >= 2:
+            seg = self.segment_state(b, schedule)
+            start = sorted(pl.points)[1]
+            st = self._resume(b, pl, start, seg.h_in[start], seg.scores, base=seg.pruned)
+            st, kv, _ = pl.run_layers(st, start, kv=list(seg.kv[:start]))
+            return pl.finish(st), kv
         # Before the first prune point the candidate is the dense model: resume from its state.
-        st = replace(
-            pl.start_state(eb.ids, eb.mask, eb.feats),
-            h=dense.h_in[start],
-            score=dense.scores.get((first.rule, start - 1)) if first.rule in SCORE_RULES else None,
-        )
+        start = min(pl.points)
+        st = self._resume(b, pl, start, dense.h_in[start], dense.scores)
         st, kv, _ = pl.run_layers(st, start, kv=list(dense.kv[:start]))
         return pl.finish(st), kv
 
@@ -142,16 +205,16 @@ class Runner:
 
     # ------------------------------------------------------------------ evaluation
     def run(self, schedule: Schedule, min_accuracy: float | None = None, keep_logits: bool = False,
-            pl: PrunedLlava | None = None, stop=None) -> RunResult:
+            pl: PrunedLlava | None = None, stop=None, share: bool = False) -> RunResult:
         """Per-sample scores of `schedule`. With `min_accuracy`, stop as soon as even a perfect
         remainder could not reach it; with `stop(result_so_far) -> bool`, stop when it says so
-        after a batch (the result is then marked incomplete)."""
+        after a batch (the result is then marked incomplete). `share`: see `prefill`."""
         pl = pl or self.model_for(schedule)
         dec = self.pipe.processor.tokenizer.decode
         total = len(self.samples)
         res = RunResult([], [])
         for b, eb in enumerate(self.batches):
-            logits, kv = self.prefill(b, schedule, pl)
+            logits, kv = self.prefill(b, schedule, pl, share=share)
             if keep_logits:
                 res.first_logits.append(logits)
             toks = self.generate(b, pl, logits, kv)
@@ -173,6 +236,7 @@ class Runner:
 
     def drop_caches(self) -> None:
         self._dense.clear()
+        self.drop_segments()
 
 
 def first_token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> list[float]:

@@ -297,11 +297,12 @@ class Search:
         return better or best
 
     # ------------------------------------------------------------------ flops-budget objective
-    def score(self, c: Candidate, best: Candidate | None) -> Candidate:
+    def score(self, c: Candidate, best: Candidate | None, share: bool = False) -> Candidate:
         """Run `c` in full (calibration accuracy and mean first-token KL to the dense model) unless it
         provably cannot beat `best`: stopped (complete False) once even a perfect remainder could not
         reach best's accuracy, or could only tie it while its KL so far already exceeds best's.
-        Complete results are cached; a stopped one is not (it only lost against that `best`)."""
+        Complete results are cached; a stopped one is not (it only lost against that `best`).
+        `share`: resume from the runner's shared first segment (`Runner.segment_state`)."""
         import torch
 
         from vpexport.calibrate.runner import accuracy, best_case, first_token_kl
@@ -316,10 +317,11 @@ class Search:
             n = len(r.scores)
             if best_case(r.scores, total) > best.accuracy + 1e-9:
                 return False
-            return sum(first_token_kl(dense_logits[:n], torch.cat(r.first_logits))) / total >= best.kl
+            # KL only grows with more samples: already above best's, it can at most tie in accuracy and lose on KL
+            return sum(first_token_kl(dense_logits[:n], torch.cat(r.first_logits))) / total > best.kl
 
         res = self.runner.run(c.schedule, min_accuracy=None if best is None else best.accuracy, keep_logits=True,
-                              stop=None if best is None else cannot_win)
+                              stop=None if best is None else cannot_win, share=share)
         c.samples, c.complete = len(res.scores), res.complete
         if not res.complete:
             c.accuracy, c.passed = None, False
@@ -337,21 +339,28 @@ class Search:
     def maximize(self, cands: list[Candidate], budget: float, best: Candidate | None, desc: str) -> Candidate | None:
         """The most accurate candidate with FLOPs <= budget. Ties (common: accuracy moves in steps of one
         sample) go to the one whose first answer token stays closest to the dense model's (mean KL):
-        the budget is the user's constraint, and within it the least disturbed model is the safer pick.
-        Every candidate is considered (no monotonicity shortcut; `score` stops only provable losers);
-        from the most FLOPs down, so a good bound comes early."""
+        the budget is the user's constraint, and within it the least disturbed model is the safer pick
+        (and, should the KL tie too, the fewer FLOPs). Every candidate is considered (no monotonicity
+        shortcut; `score` stops only provable losers), so the order changes the time, not the result:
+        from the most FLOPs down, so a good bound comes early, with candidates that share a first
+        point (and so their first segment) one after another."""
         from tqdm import tqdm
 
         cands = [c for c in {c.key: c for c in cands}.values() if c.flops <= budget + 1e-12]
-        cands.sort(key=lambda c: (-c.flops, c.schedule.method, c.key))
+        group = {c.key: _first_point(c) or c.key for c in cands}
+        size, top = {}, {}
+        for c in cands:
+            g = group[c.key]
+            size[g] = size.get(g, 0) + 1
+            top[g] = max(top.get(g, 0.0), c.flops)
+        cands.sort(key=lambda c: (-top[group[c.key]], repr(group[c.key]), -c.flops, c.schedule.method, c.key))
         bar = tqdm(cands, desc=desc, unit="cand", disable=not self.progress, leave=False)
         for c in bar:
-            c = self.score(c, best)
-            if not c.complete:
-                continue
-            if best is None or c.accuracy > best.accuracy + 1e-9 or (c.accuracy > best.accuracy - 1e-9 and c.kl < best.kl):
+            c = self.score(c, best, share=size[group[c.key]] > 1)
+            if c.complete and (best is None or _better(c, best)):
                 best = c
         bar.close()
+        self.runner.drop_segments()
         return best
 
     def run_budget(self, budget: float) -> Candidate | None:
@@ -365,6 +374,22 @@ class Search:
 
     def candidates(self) -> list[dict]:
         return [c.to_dict() for c in sorted(self.tried.values(), key=lambda c: (c.flops, c.key))]
+
+
+def _first_point(c: Candidate) -> tuple | None:
+    """What candidates with two or more points and the same first segment share (see Runner.segment_state)."""
+    s = c.schedule
+    if len(s.points) < 2:
+        return None
+    p = s.points[0]
+    return (s.method, s.sink_layers, p.layer, p.keep, p.rule)
+
+
+def _better(c: Candidate, best: Candidate) -> bool:
+    """The budget objective's order: accuracy, then the smaller KL, then the fewer FLOPs."""
+    if abs(c.accuracy - best.accuracy) > 1e-9:
+        return c.accuracy > best.accuracy
+    return (c.kl, c.flops, c.key) < (best.kl, best.flops, best.key)
 
 
 # ---------------------------------------------------------------------------- top level
