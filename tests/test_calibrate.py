@@ -359,7 +359,7 @@ def test_budget_search_runs_a_shared_first_point_together(arch_layout):
     """Candidates with two or more points and the same first point are scored one after another
     with `share` (the runner keeps only the latest first segment); the others without it. The
     result is the one of the brute-force order (order changes the time, not the winner)."""
-    from vpexport.calibrate.search import _first_point
+    from vpexport.calibrate.runner import first_segment
 
     arch, layout = arch_layout
 
@@ -376,8 +376,7 @@ def test_budget_search_runs_a_shared_first_point_together(arch_layout):
     s = Search(fr, arch, layout, ["himap", "visipruner"], None, progress=False)
     s.prepare()
     best = s.maximize(s.coarse(), 0.6, None, "test")
-    firsts = [_first_point(c) for c in (s.make(x.method, [(p.layer, p.keep) for p in x.points], x.sink_layers)
-                                        for x in fr.runs)]
+    firsts = [first_segment(x) for x in fr.runs]
     groups = [g for g in firsts if g is not None]
     assert len(set(groups)) < len(groups), "the grid should have shared first points"
     seen, prev = set(), None

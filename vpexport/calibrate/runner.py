@@ -151,7 +151,7 @@ class Runner:
         """The first segment (first point up to the last layer) of schedules that share `schedule`'s
         first point, for batch b; recorded once per batch while that first point stays the same."""
         first = schedule.points[0]  # points are in increasing layer order (Schedule.check)
-        key = (schedule.method, schedule.sink_layers, schedule.seed, first.layer, first.keep, first.rule)
+        key = first_segment(schedule)
         if key != self._segment_key:
             self._segments.clear()
             self._segment_key = key
@@ -237,6 +237,14 @@ class Runner:
     def drop_caches(self) -> None:
         self._dense.clear()
         self.drop_segments()
+
+
+def first_segment(schedule: Schedule) -> tuple | None:
+    """What schedules with two or more points share up to their second point (None for fewer)."""
+    if len(schedule.points) < 2:
+        return None
+    p = schedule.points[0]
+    return (schedule.method, schedule.sink_layers, schedule.seed, p.layer, p.keep, p.rule)
 
 
 def first_token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> list[float]:

@@ -346,8 +346,10 @@ class Search:
         point (and so their first segment) one after another."""
         from tqdm import tqdm
 
+        from vpexport.calibrate.runner import first_segment
+
         cands = [c for c in {c.key: c for c in cands}.values() if c.flops <= budget + 1e-12]
-        group = {c.key: _first_point(c) or c.key for c in cands}
+        group = {c.key: first_segment(c.schedule) or c.key for c in cands}
         size, top = {}, {}
         for c in cands:
             g = group[c.key]
@@ -374,15 +376,6 @@ class Search:
 
     def candidates(self) -> list[dict]:
         return [c.to_dict() for c in sorted(self.tried.values(), key=lambda c: (c.flops, c.key))]
-
-
-def _first_point(c: Candidate) -> tuple | None:
-    """What candidates with two or more points and the same first segment share (see Runner.segment_state)."""
-    s = c.schedule
-    if len(s.points) < 2:
-        return None
-    p = s.points[0]
-    return (s.method, s.sink_layers, p.layer, p.keep, p.rule)
 
 
 def _better(c: Candidate, best: Candidate) -> bool:
