@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vpexport.model.loading import image_embeds, image_features  # noqa: F401  (image_features: part of this API)
+from vpexport.model.loading import image_embeds
 from vpexport.testbed.metrics import exact_match, load_split, token_f1
 
 
