@@ -40,7 +40,7 @@ def test_processor_expands_image_token(loaded):
     enc = proc(images=Image.new("L", (96, 96)), text=meta["prompt_template"].format(question="how many digits are there ?"),
                return_tensors="pt")
     assert int((enc["input_ids"] == model.config.image_token_id).sum()) == n
-    from vpexport.testbed.evaluate import image_features
+    from vpexport.model.loading import image_features
 
     with pytest.importorskip("torch").no_grad():
         t = image_features(model, enc["pixel_values"])
