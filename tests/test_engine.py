@@ -121,12 +121,13 @@ def _tiny_graphs(out: Path) -> None:
             h.make_node("Unsqueeze", ["pf", "ax2"], ["p3"]),
             h.make_node("Mul", ["p3", "c01"], ["p3s"]),
             h.make_node("Add", ["e", "p3s"], ["e2"]),
-            h.make_node("Unsqueeze", ["e2", "ax1"], ["new"]),  # (B,1,1,D)
-            h.make_node("Concat", ["past.0.key", "new"], ["present.0.key"], axis=2),
-            h.make_node("Concat", ["past.0.value", "new"], ["present.0.value"], axis=2),
-            h.make_node("Concat", ["past.1.key", "new"], ["present.1.key"], axis=2),
-            h.make_node("Concat", ["past.1.value", "new"], ["present.1.value"], axis=2),
-            h.make_node("ReduceSum", ["present.1.key", "ax12"], ["r"], keepdims=0),  # (B,D)
+            h.make_node("Unsqueeze", ["e2", "ax1"], ["new.0.key"]),  # (B,1,1,D): the step's own slot
+            h.make_node("Neg", ["new.0.key"], ["new.0.value"]),
+            h.make_node("Identity", ["new.0.key"], ["new.1.key"]),
+            h.make_node("Identity", ["new.0.value"], ["new.1.value"]),
+            h.make_node("ReduceSum", ["past.1.key", "ax12"], ["rp"], keepdims=0),  # (B,D)
+            h.make_node("ReduceSum", ["new.1.key", "ax12"], ["rn"], keepdims=0),
+            h.make_node("Add", ["rp", "rn"], ["r"]),
             h.make_node("Cast", ["text_mask"], ["tf"], to=TP.FLOAT),
             h.make_node("ReduceSum", ["tf", "ax1"], ["tn"], keepdims=1),  # (B,1)
             h.make_node("Mul", ["r", "tn"], ["rt"]),
@@ -144,7 +145,7 @@ def _tiny_graphs(out: Path) -> None:
         ],
         [
             h.make_tensor_value_info("logits", TP.FLOAT, [B, V]),
-            *[h.make_tensor_value_info(f"present.{i}.{w}", TP.FLOAT, [B, 1, f"present_len.{i}", D]) for i in (0, 1) for w in ("key", "value")],
+            *[h.make_tensor_value_info(f"new.{i}.{w}", TP.FLOAT, [B, 1, 1, D]) for i in (0, 1) for w in ("key", "value")],
         ],
         [emb, w_out, const("ax1", np.array([1], np.int64)), const("ax2", np.array([2], np.int64)),
          const("ax12", np.array([1, 2], np.int64)), const("c01", np.array(0.01, np.float32))],
@@ -199,15 +200,15 @@ def _run_tiny(graphs, batch=2, steps=2) -> dict:
     feats = graphs.run("vision", {"pixel_values": px})["image_features"]
     pre = graphs.run("prefill", {"input_ids": ids, "attention_mask": mask, "image_features": feats})
     out["image_features"], out["prefill"] = feats, pre
-    kv = {f"past.{i}.{w}": pre[f"present.{i}.{w}"] for i in (0, 1) for w in ("key", "value")}
-    text_mask = mask[:, PREFIX + VISUAL :]
+    from vpexport.runtime.kv_cache import KVCache
+
+    cache = KVCache([[pre[f"present.{i}.key"], pre[f"present.{i}.value"]] for i in (0, 1)], mask[:, PREFIX + VISUAL :], steps)
     pos = np.full((batch, 1), PREFIX + VISUAL + T, np.int64)
     nxt = pre["logits"].argmax(-1)[:, None].astype(np.int64)
     for s in range(steps):
-        text_mask = np.concatenate([text_mask, np.ones((batch, 1), np.int64)], axis=1)
-        dec = graphs.run("decode", {"input_ids": nxt, "position_ids": pos + s, "text_mask": text_mask, **kv})
+        dec = graphs.run("decode", {"input_ids": nxt, "position_ids": pos + s, **cache.feeds()})
         out[f"decode.{s}"] = dec
-        kv = {f"past.{i}.{w}": dec[f"present.{i}.{w}"] for i in (0, 1) for w in ("key", "value")}
+        cache.append(dec)
         nxt = dec["logits"].argmax(-1)[:, None].astype(np.int64)
     return out
 
@@ -228,7 +229,7 @@ def test_tiny_artifacts_run_in_onnxruntime(tiny_art):
     """The fixture's graphs are valid and their shapes follow the exporter's conventions."""
     out = _run_tiny(_OrtGraphs(tiny_art), batch=2, steps=2)
     assert out["prefill"]["present.1.key"].shape == (2, 1, KV_STATIC[1] + T, D)
-    assert out["decode.1"]["present.0.key"].shape == (2, 1, KV_STATIC[0] + T + 2, D)
+    assert out["decode.1"]["new.0.key"].shape == (2, 1, 1, D)
     assert out["prefill"]["kept.0"].dtype == np.int64
 
 
@@ -383,8 +384,8 @@ def test_length_spec_from_generation():
     assert s.batch() == (1, 2, 4)
     assert s.text() == (T, T, T)  # padded: static text
     assert s.sequence() == (PREFIX + VISUAL + T,) * 3
-    assert s.text_total() == (T + 1, T + 1, T + 3)  # decode step k has S = T + k; max_new_tokens 3 (+1 headroom)
-    assert s.past_len(1) == (KV_STATIC[1] + T, KV_STATIC[1] + T, KV_STATIC[1] + T + 2)
+    assert s.text_total() == (T + 1, T + 1, T + 3)  # cache text slots C = T + steps; max_new_tokens 3 (+1 headroom)
+    assert s.past_len(1) == (KV_STATIC[1] + T + 1, KV_STATIC[1] + T + 1, KV_STATIC[1] + T + 3)
     with pytest.raises(ArtifactError):
         s.past_len(2)
     with pytest.raises(ArtifactError, match="lacks the shape information"):
@@ -406,14 +407,14 @@ def test_profiles_of_the_tiny_artifacts(tiny_art):
     assert set(pre) == {"input_ids", "attention_mask", "image_features"}
     dec = compute_profile("decode", _graph_inputs(tiny_art / "onnx" / "decode.onnx"), s)
     assert dec["text_mask"] == {"min": [1, T + 1], "opt": [2, T + 1], "max": [4, T + 3]}
-    assert dec["past.0.key"]["min"] == [1, 1, KV_STATIC[0] + T, D]
-    assert dec["past.1.value"]["max"] == [4, 1, KV_STATIC[1] + T + 2, D]
+    assert dec["past.0.key"]["min"] == [1, 1, KV_STATIC[0] + T + 1, D]
+    assert dec["past.1.value"]["max"] == [4, 1, KV_STATIC[1] + T + 3, D]
     assert dec["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [4, 1]}
 
 
 @pytest.mark.parametrize("mode", ["padded", "dynamic"])
 def test_profiles_cover_every_shape_generation_feeds(mode):
-    """Every (batch, text length, decode step) ArtifactRuntime.generate can feed is inside the profiles."""
+    """Every (batch, text length, max_new_tokens) ArtifactRuntime.generate can feed is inside the profiles."""
     gen = dict(GEN, text_length={"mode": mode, "max": 5}, max_new_tokens=4, batch_max=3)
     s = LengthSpec.from_generation(gen)
     head = PREFIX + VISUAL
@@ -427,9 +428,10 @@ def test_profiles_cover_every_shape_generation_feeds(mode):
     for b in range(1, 4):
         for t in texts:
             assert check_within(pre, {"input_ids": (b, head + t)}) is None
-            for k in range(1, gen["max_new_tokens"]):  # decode step k: S = t + k, past = kv_static + S - 1
-                shapes = {"text_mask": (b, t + k), **{f"past.{i}.key": (b, 1, KV_STATIC[i] + t + k - 1, D) for i in (0, 1)}}
-                assert check_within(dec, shapes) is None, (b, t, k)
+            for m in range(2, gen["max_new_tokens"] + 1):  # m new tokens: C = t + m - 1 slots, past = kv_static + C
+                c = t + m - 1
+                shapes = {"text_mask": (b, c), **{f"past.{i}.key": (b, 1, KV_STATIC[i] + c, D) for i in (0, 1)}}
+                assert check_within(dec, shapes) is None, (b, t, m)
     if mode == "dynamic":
         assert pre["input_ids"]["min"] == [1, head + 1] and pre["input_ids"]["max"] == [3, head + 5]
     why = check_within(dec, {"text_mask": (4, 6)}, where="decode.plan")
@@ -440,7 +442,7 @@ def test_profile_axis_without_symbol_uses_its_role_and_unknown_is_refused():
     s = LengthSpec.from_generation(GEN)
     # -1 / None dims (as TensorRT's network reports them) get their role from the name and axis
     p = compute_profile("decode", {"past.1.key": [-1, 1, -1, D], "text_mask": [None, None]}, s)
-    assert p["past.1.key"]["max"] == [4, 1, KV_STATIC[1] + T + 2, D]
+    assert p["past.1.key"]["max"] == [4, 1, KV_STATIC[1] + T + 3, D]
     assert p["text_mask"]["min"] == [1, T + 1]
     with pytest.raises(ArtifactError, match="no known range"):
         compute_profile("vision", {"pixel_values": ["batch", 3, "height", 4]}, s)
@@ -555,7 +557,7 @@ def test_prepare_reads_profiles_and_checks_hashes(tiny_art):
 
     plan = prepare(tiny_art)
     assert set(plan.onnx) == {"vision", "prefill", "decode"}
-    assert plan.profiles["decode"]["past.1.key"]["max"] == [4, 1, KV_STATIC[1] + T + 2, D]
+    assert plan.profiles["decode"]["past.1.key"]["max"] == [4, 1, KV_STATIC[1] + T + 3, D]
     with open(tiny_art / "onnx" / "vision.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ArtifactError, match="does not match its manifest"):
@@ -842,7 +844,7 @@ def test_build_engines_control_flow_with_fake_tensorrt(tiny_art, tmp_path, fake_
     assert all(b[2] == ["FP16", "VERSION_COMPATIBLE"] for b in builds)
     assert ("workspace", "WORKSPACE", 2**29) in calls
     dec_prof = builds[2][3]
-    assert dec_prof["past.1.key"] == ([1, 1, KV_STATIC[1] + T, D], [2, 1, KV_STATIC[1] + T, D], [4, 1, KV_STATIC[1] + T + 2, D])
+    assert dec_prof["past.1.key"] == ([1, 1, KV_STATIC[1] + T + 1, D], [2, 1, KV_STATIC[1] + T + 1, D], [4, 1, KV_STATIC[1] + T + 3, D])
     # the timing cache is threaded through the builds and saved once
     assert [c[1] for c in calls if c[0] == "cache_in"] == [b"C", b"C+", b"C++"]
     assert cache.read_bytes() == b"C+++"

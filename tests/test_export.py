@@ -80,21 +80,32 @@ def test_decode_step_matches_torch(exported, method):
         logits2, kv2 = pm.decode(nxt2, pos + 1, tm2, kv)
     sess = ort(art / "onnx" / "decode.onnx")
     names = [o.name for o in sess.get_outputs()]
+    assert names == ["logits", *[f"new.{i}.{w}" for i in range(pm.num_layers) for w in ("key", "value")]]
+    from vpexport.runtime.kv_cache import KVCache
 
-    def step(tok, position, text_mask, past):
-        feeds = {"input_ids": tok.numpy(), "position_ids": position.numpy(), "text_mask": text_mask.numpy()}
-        for i, (k, v) in enumerate(past):
-            feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = np.asarray(k), np.asarray(v)
-        o = dict(zip(names, sess.run(None, feeds)))
-        return o["logits"], [(o[f"present.{i}.key"], o[f"present.{i}.value"]) for i in range(pm.num_layers)]
+    # fixed-capacity caches with room for two steps; the graph reads them, returns only the new slot
+    cache = KVCache([[k.numpy(), v.numpy()] for k, v in ref.kv], mask[:, p + n :].numpy(), steps=2)
+    before = [[k.copy(), v.copy()] for k, v in cache.buffers]
 
-    ol, okv = step(nxt, pos, tm, [(k.numpy(), v.numpy()) for k, v in ref.kv])
+    def step(tok, position):
+        o = dict(zip(names, sess.run(None, {"input_ids": tok.numpy(), "position_ids": position.numpy(), **cache.feeds()})))
+        for i in range(pm.num_layers):
+            assert o[f"new.{i}.key"].shape == (3, pm.num_kv_heads, 1, pm.head_dim)
+        cache.append(o)
+        return o["logits"]
+
+    ol = step(nxt, pos)
     assert np.abs(ol - logits.numpy()).max() < 1e-4
-    for (a, b), (c, d) in zip(okv, kv):
+    for (a, b), (c, d), (k0, v0) in zip(cache.views(), kv, before):
         assert a.shape == tuple(c.shape) and np.abs(a - c.numpy()).max() < 1e-4 and np.abs(b - d.numpy()).max() < 1e-4
-    # a second step on ORT's own caches (the dynamic past length)
-    ol2, _ = step(nxt2, pos + 1, tm2, okv)
+        # the prefill part of the buffers is untouched by the step
+        np.testing.assert_array_equal(a[:, :, :-1], k0[:, :, : a.shape[2] - 1])
+    # a second step on the runtime's own caches (one more slot filled)
+    ol2 = step(nxt2, pos + 1)
     assert np.abs(ol2 - logits2.numpy()).max() < 1e-4
+    for (a, _), (c, _) in zip(cache.views(), kv2):
+        assert np.abs(a - c.numpy()).max() < 1e-4
+    assert cache.free == 0
 
 
 def test_graph_io_and_static_shapes(exported):

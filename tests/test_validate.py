@@ -46,7 +46,7 @@ def test_validate_passes_on_good_export(good):
     assert rep["accuracy"]["onnx"] == rep["accuracy"]["torch"]
     outs = rep["outputs"]
     assert {"vision.image_features", "prefill.logits", "decode.logits", "prefill.present.7.value",
-            "decode.present.0.key"} <= set(outs)
+            "decode.new.0.key"} <= set(outs)
     assert len([k for k in outs if k.startswith("prefill.present.")]) == 16
     for o in outs.values():
         assert o["passed"] and o["max_abs"] <= o["atol"] + 1e-12 and o["atol"] == 1e-4 and o["rtol"] == 1e-3

@@ -7,6 +7,8 @@ import json
 
 import click
 
+from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICES
+
 
 @click.command()
 @click.argument("target", type=click.Path())
@@ -16,12 +18,14 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print answers, tokens and kept indices as JSON.")
 @click.option(
     "--provider",
-    type=click.Choice(["cpu", "cuda", "tensorrt"]),
+    type=click.Choice(PROVIDER_NAMES),
     default="cpu",
     show_default=True,
-    help="ONNX Runtime execution provider (artifact folders only).",
+    help="Runtime of the artifact's graphs (artifact folders only; vpexport/runtime/providers.py).",
 )
-def run(target, images, prompts, max_new_tokens, as_json, provider):
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
+              help="Inference precision for --provider openvino (auto: the fastest this CPU runs natively).")
+def run(target, images, prompts, max_new_tokens, as_json, provider, precision):
     """Answer PROMPT about IMAGE with the recipe's pruned PyTorch model."""
     from vpexport.errors import UserInputError
 
@@ -30,10 +34,13 @@ def run(target, images, prompts, max_new_tokens, as_json, provider):
             f"{len(prompts)} prompts for {len(images)} images", field="--prompt", fix="give one prompt, or one per --image"
         )
     prompts = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserInputError(f"--max-new-tokens {max_new_tokens} must be at least 1", field="--max-new-tokens",
+                             fix="give a positive count")
     from pathlib import Path
 
     if Path(target).is_dir() and (Path(target) / "manifest.json").is_file():
-        answers = _run_artifacts(target, list(images), prompts, max_new_tokens, provider)
+        answers = _run_artifacts(target, list(images), prompts, max_new_tokens, provider, precision)
     else:
         answers = _run_recipe(target, list(images), prompts, max_new_tokens)
     if as_json:
@@ -58,11 +65,11 @@ def _run_recipe(path, images, prompts, max_new_tokens):
     return [{"text": a.text, "tokens": a.tokens, "kept": a.kept} for a in pipe.answer(pics, prompts)]
 
 
-def _run_artifacts(path, images, prompts, max_new_tokens, provider):
-    """ONNX Runtime path: no torch / transformers import."""
+def _run_artifacts(path, images, prompts, max_new_tokens, provider, precision):
+    """Artifact path (ONNX Runtime, OpenVINO or TensorRT): no torch / transformers import."""
     from vpexport.runtime import ArtifactRuntime
     from vpexport.runtime.preprocess import load_image
 
     pics = [load_image(p) for p in images]  # a bad image fails before sessions load
-    rt = ArtifactRuntime.open(path, provider=provider)
+    rt = ArtifactRuntime.open(path, provider=provider, precision=precision)
     return rt.answer(pics, prompts, max_new_tokens)

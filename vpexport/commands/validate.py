@@ -6,13 +6,18 @@ import json
 
 import click
 
+from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICES
+
 
 @click.command("validate")
 @click.argument("artifact_dir", type=click.Path())
 @click.option("--samples", type=int, default=None, help="Eval samples to compare (default validation.samples).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(PROVIDER_NAMES), default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
+              help="Inference precision for --provider openvino; below the export's precision the recipe's "
+                   "validate.reduced_precision thresholds apply.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def validate(artifact_dir, samples, provider, as_json):
+def validate(artifact_dir, samples, provider, precision, as_json):
     """Compare every ONNX output, kept index and greedy generation with the PyTorch model."""
     from vpexport.errors import UserInputError, ValidationFailed
     from vpexport.validate import format_report, validate_artifacts
@@ -20,7 +25,7 @@ def validate(artifact_dir, samples, provider, as_json):
     if samples is not None and samples < 1:
         raise UserInputError(f"--samples {samples} must be at least 1", field="--samples", fix="give a positive count")
     log = None if as_json else (lambda m: click.echo(m, err=True))
-    report = validate_artifacts(artifact_dir, samples=samples, provider=provider, log=log)
+    report = validate_artifacts(artifact_dir, samples=samples, provider=provider, log=log, precision=precision)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
         first = report["failures"][0]

@@ -5,9 +5,9 @@ The exporter (vpexport/export/onnx_export.py) names its dynamic axes:
   every graph   axis 0 `batch`                          -> 1 .. batch_max
   prefill       input_ids / attention_mask axis 1 `sequence` (text mode dynamic only):
                 L = prefix + visual + T, T in 1 .. text_length.max
-  decode        text_mask axis 1 `text_total`: S = T + k for the k-th decode step
-                (k = 1 .. max_new_tokens - 1; one step of headroom is added)
-                past.{i}.key / value axis 2 `past_len.{i}`: kv_static_len[i] + S - 1
+  decode        text_mask axis 1 `text_total`: the caches' text slots C = T + steps, steps =
+                max_new_tokens - 1 for a request (one step of headroom is added)
+                past.{i}.key / value axis 2 `past_len.{i}`: kv_static_len[i] + C
 
 Each axis gets (min, opt, max); opt is a sensible middle (batch: (max + 1) // 2; lengths: the
 middle of the text range and half of the new tokens), where TensorRT tunes its tactics.
@@ -75,7 +75,7 @@ class LengthSpec:
         return tuple(base + t for t in self.text())  # type: ignore[return-value]
 
     def text_total(self) -> Range:
-        """Decode text_mask length S = T + k, k = 1 .. max_new_tokens (one step of headroom)."""
+        """Decode cache text slots C = T + steps, steps = 1 .. max_new_tokens (one of headroom)."""
         tmin, topt, tmax = self.text()
         return (tmin + 1, topt + max(1, self.max_new_tokens // 2), tmax + self.max_new_tokens)
 
@@ -87,7 +87,7 @@ class LengthSpec:
                 fix="re-run `vpexport export RECIPE`",
             )
         s = self.kv_static_len[layer]
-        return tuple(s + x - 1 for x in self.text_total())  # type: ignore[return-value]
+        return tuple(s + x for x in self.text_total())  # type: ignore[return-value]
 
     def symbol(self, sym: str) -> Range | None:
         if sym == "batch":

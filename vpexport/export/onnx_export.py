@@ -7,9 +7,14 @@ with static k and matches PyTorch in ONNX Runtime; SDPA attention only):
   prefill.onnx  input_ids (B,L) i64, attention_mask (B,L) i64, image_features (B,N,d)
                 -> logits (B,V), present.{i}.key / present.{i}.value (B,KV,prefix+n_i+T,hd),
                    kept.{j} (B,keep_j) i64 per prune point that keeps tokens
-  decode.onnx   input_ids (B,1) i64, position_ids (B,1) i64, text_mask (B,S) i64,
-                past.{i}.key / past.{i}.value (B,KV,prefix+n_i+S-1,hd)
-                -> logits (B,V), present.{i}.key / present.{i}.value (B,KV,prefix+n_i+S,hd)
+  decode.onnx   input_ids (B,1) i64, position_ids (B,1) i64, text_mask (B,C) i64,
+                past.{i}.key / past.{i}.value (B,KV,prefix+n_i+C,hd)
+                -> logits (B,V), new.{i}.key / new.{i}.value (B,KV,1,hd)
+
+decode reads fixed-capacity caches and returns only the step's own key/value per layer
+(PrunedLlava.decode_step): C text slots per cache (the prompt's text, then one per generated
+token), `text_mask` marks the filled ones; the runtime writes `new.*` into the next slot
+(vpexport/runtime/kv_cache.py), so no step copies or returns a whole cache.
 
 L = prefix + N + T. T is `export.text_length.max` (mode padded: a static axis) or the dynamic
 axis `text` (mode dynamic). Batch is the dynamic axis `batch`. Tracing uses a synthetic input
@@ -67,7 +72,7 @@ def _wrappers(pm):
 
         def forward(self, input_ids, position_ids, text_mask, *past):
             kv = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-            logits, new = self.pm.decode(input_ids, position_ids, text_mask, kv)
+            logits, new = self.pm.decode_step(input_ids, position_ids, text_mask, kv)
             return (logits, *[t for kv_ in new for t in kv_])
 
     del torch
@@ -91,7 +96,7 @@ def io_names(num_layers: int, schedule) -> dict:
             "inputs": ["input_ids", "attention_mask", "image_features"],
             "outputs": ["logits", *kv("present"), *[f"kept.{j}" for j in range(len(kept_points(schedule)))]],
         },
-        "decode": {"inputs": ["input_ids", "position_ids", "text_mask", *kv("past")], "outputs": ["logits", *kv("present")]},
+        "decode": {"inputs": ["input_ids", "position_ids", "text_mask", *kv("past")], "outputs": ["logits", *kv("new")]},
     }
 
 
@@ -393,22 +398,24 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
         _finalize_onnx(raw, onnx_dir / "prefill.onnx", spec)
         _log(log, f"[export]   done in {time.perf_counter() - t0:.1f} s")
 
-        # ---- decode (one step after the traced prefill)
+        # ---- decode (one step after the traced prefill, caches with two free slots)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = pm.prefill(ids, mask, feats)
         b = ids.shape[0]
-        text_mask = torch.cat([mask[:, p + n :], torch.ones(b, 1, dtype=mask.dtype)], dim=1)
+        free = 2
+        text_mask = torch.cat([mask[:, p + n :], torch.zeros(b, free, dtype=mask.dtype)], dim=1)
         step_ids = out.logits.argmax(-1)[:, None]
         pos = (p + n + out.text_len)[:, None]
-        past = [t for kv in out.kv for t in kv]
+        pad = lambda t: torch.cat([t, torch.zeros(*t.shape[:2], free, t.shape[3], dtype=t.dtype)], dim=2)  # noqa: E731
+        past = [pad(t) for kv in out.kv for t in kv]
         dyn = {"input_ids": {0: "batch"}, "position_ids": {0: "batch"}, "text_mask": {0: "batch", 1: "text_total"},
                "logits": {0: "batch"}}
         for i in range(L):
             for w in ("key", "value"):
                 dyn[f"past.{i}.{w}"] = {0: "batch", 2: f"past_len.{i}"}
-                dyn[f"present.{i}.{w}"] = {0: "batch", 2: f"present_len.{i}"}
-        _log(log, "[export] decode.onnx: one token against the per-layer KV caches")
+                dyn[f"new.{i}.{w}"] = {0: "batch"}
+        _log(log, "[export] decode.onnx: one token against fixed-capacity per-layer KV caches")
         raw = raw_dir / "decode" / "model.onnx"
         raw.parent.mkdir(parents=True)
         _export_one(decode, (step_ids, pos, text_mask, *past), raw, names["decode"], dyn, ex.opset)

@@ -393,6 +393,54 @@ class PrunedLlava(nn.Module):
             h = self._finish_layer(i, h, attn)
         return self.lm_head(self.norm(h))[:, 0], new_kv
 
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,  # (B, 1)
+        position_ids: torch.Tensor,  # (B, 1) original positions
+        cache_mask: torch.Tensor,  # (B, C): which of the caches' C text slots hold a valid token
+        kv: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (B, KV, prefix + n_l + C, hd)
+    ):
+        """One token against fixed-capacity caches; the same result as `decode` without its Concat.
+
+        `decode` appends the new key/value to each cache and returns the grown caches, so every step
+        copies every cache (and a runtime feeds all of them back). Here the caches are read only:
+        slots [prefix + n_l, prefix + n_l + C) hold the text and the tokens generated so far
+        (`cache_mask` marks the valid ones, padding and not-yet-written slots are 0), the token
+        attends to them and to itself, and only its own key/value per layer, (B, KV, 1, hd), is
+        returned for the caller to write into the next free slot. Scores against the cache and
+        against the token itself are concatenated (B, KV, G, C' + 1 floats), never the caches.
+        The query heads are grouped (B, KV, G, hd), so GQA reads the caches without repeating them.
+        """
+        h = self.embed_tokens(input_ids)
+        b = h.shape[0]
+        cos, sin = self.rope(h, position_ids)
+        tm = cache_mask.to(torch.bool)
+        p, g, hd = self.prefix, self.groups, self.head_dim
+        scale = 1.0 / math.sqrt(hd)
+        new_kv = []
+        for i in range(self.num_layers):
+            n = self.visual_per_layer[i]
+            x = self.layers[i].input_layernorm(h)
+            q, k, v = self._qkv(i, x, cos, sin)  # (B, H, 1, hd), (B, KV, 1, hd)
+            new_kv.append((k, v))
+            kc, vc = kv[i]
+            qg = q.reshape(b, self.num_kv_heads, g, hd)
+            s_cache = torch.matmul(qg, kc.transpose(-1, -2)) * scale  # (B, KV, G, p + n + C)
+            s_self = (qg * k).sum(-1, keepdim=True) * scale  # (B, KV, G, 1)
+            head = torch.ones(b, p + n, dtype=torch.bool, device=h.device)
+            if 0 < i < self.sink_layers:
+                head[:, p : p + n] = False
+            allowed = torch.cat([head, tm, torch.ones(b, 1, dtype=torch.bool, device=h.device)], dim=1)
+            logits = torch.cat([s_cache, s_self], dim=-1).masked_fill(~allowed[:, None, None, :],
+                                                                       torch.finfo(s_cache.dtype).min)
+            probs = torch.softmax(logits.float(), dim=-1)
+            if i == 0 and self.sink_layers > 0:
+                probs = self._sink_redirect(probs, p, n)
+            probs = probs.to(vc.dtype)
+            attn = torch.matmul(probs[..., :-1], vc) + probs[..., -1:] * v  # (B, KV, G, hd)
+            h = self._finish_layer(i, h, attn.reshape(b, self.num_heads, 1, hd))
+        return self.lm_head(self.norm(h))[:, 0], new_kv
+
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def greedy(self, logits, kv, attention_mask, text_len, max_new_tokens: int, eos_token_id: int | None):

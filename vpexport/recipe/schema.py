@@ -254,11 +254,21 @@ class EngineSection(Strict):
     version_compatible: bool = False
 
 
+class ReducedPrecisionChecks(Strict):
+    """Thresholds for a runtime that computes below the export's precision (OpenVINO bf16 on fp32
+    graphs), against the full-precision PyTorch model."""
+
+    min_generation_match: float = Field(0.95, ge=0, le=1)
+    max_accuracy_delta: float = Field(0.01, ge=0, le=1)  # |accuracy(artifacts) - accuracy(torch)|
+    min_kept_agreement: float = Field(0.9, ge=0, le=1)  # mean share of PyTorch's kept indices also kept
+
+
 class ValidateSection(Strict):
     samples: int = Field(50, ge=1)
     atol: float | None = Field(None, ge=0)  # null -> per-precision default
     rtol: float | None = Field(None, ge=0)
     min_generation_match: float = Field(1.0, ge=0, le=1)
+    reduced_precision: ReducedPrecisionChecks = Field(default_factory=ReducedPrecisionChecks)
 
 
 class TritonSection(Strict):

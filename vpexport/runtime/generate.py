@@ -1,4 +1,6 @@
-"""Vision -> prefill -> greedy decode with per-layer KV caches, in ONNX Runtime (no torch).
+"""Vision -> prefill -> greedy decode with fixed-capacity per-layer KV caches (no torch).
+
+The graphs run in ONNX Runtime, OpenVINO or TensorRT (vpexport/runtime/providers.py).
 
 Batched requests are right-padded; each sample stops at eos (or max_new_tokens) on its own,
 and the batch keeps decoding until every sample is done, exactly like PrunedLlava.generate.
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vpexport.errors import ArtifactError, UserInputError
+from vpexport.runtime.kv_cache import KVCache
 
 
 @dataclass
@@ -26,12 +29,13 @@ class PrefillResult:
 
 class ArtifactRuntime:
     def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None, verify: bool = True,
-                 graphs=None):
+                 graphs=None, precision: str = "auto"):
         """`graphs`: anything with `Graphs`' run(name, feeds) interface (e.g. Triton BLS requests);
-        default: ONNX Runtime sessions, or TensorRT engines for provider tensorrt when built."""
+        default: the provider's graphs (`vpexport.runtime.providers`). `precision`: the inference
+        precision for providers that choose one (openvino: auto | f32 | bf16)."""
         from vpexport.manifest import read_manifest
         from vpexport.runtime.preprocess import Preprocessor
-        from vpexport.runtime.session import Graphs
+        from vpexport.runtime.providers import open_graphs
         from vpexport.runtime.tokenizer import PromptTokenizer
 
         self.dir = Path(artifact_dir)
@@ -49,16 +53,13 @@ class ArtifactRuntime:
                 raise
             raise ArtifactError(f"cannot read the runtime assets in {rt}: {type(e).__name__}: {str(e)[:200]}",
                                 field="artifacts", fix="re-run `vpexport export`") from None
-        if graphs is not None:
-            self.graphs = graphs
-        else:
-            from vpexport.runtime.trt_session import TrtGraphs, has_engines
-
-            # --provider tensorrt: the TensorRT plans of `vpexport engine` when built, else ORT's TensorRT EP
-            if provider == "tensorrt" and has_engines(self.dir):
-                self.graphs = TrtGraphs(self.dir, self.manifest)
-            else:
-                self.graphs = Graphs(self.dir / "onnx", provider, threads)
+        self.provider = provider
+        self.graphs = graphs if graphs is not None else open_graphs(provider, self.dir, self.manifest, threads, precision)
+        # The precision the graphs actually run at (OpenVINO reads it back from the compiled model).
+        self.precision = getattr(self.graphs, "precision", None) or self.gen.get("precision", "fp32")
+        if "new.0.key" not in self.graphs.outputs.get("decode", ["new.0.key"]):
+            raise ArtifactError(f"{self.dir}/onnx/decode.onnx returns whole caches (an older export); this runtime "
+                                "needs the fixed-capacity decode graph", field="artifacts", fix="re-run `vpexport export`")
         g = self.gen
         self.prefix, self.visual = int(g["prefix"]), int(g["visual_tokens"])
         self.num_layers = int(g["num_layers"])
@@ -68,8 +69,9 @@ class ArtifactRuntime:
         self.max_new_tokens = int(g["max_new_tokens"])
 
     @classmethod
-    def open(cls, artifact_dir, provider: str = "cpu", threads: int | None = None, verify: bool = True) -> "ArtifactRuntime":
-        return cls(artifact_dir, provider, threads, verify)
+    def open(cls, artifact_dir, provider: str = "cpu", threads: int | None = None, verify: bool = True,
+             precision: str = "auto") -> "ArtifactRuntime":
+        return cls(artifact_dir, provider, threads, verify, precision=precision)
 
     # ------------------------------------------------------------------ graph steps
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -83,25 +85,33 @@ class ArtifactRuntime:
         text_len = attention_mask[:, self.prefix + self.visual :].sum(-1)
         return PrefillResult(out["logits"], kv, kept, text_len, out)
 
-    def decode(self, input_ids, position_ids, text_mask, kv):
-        feeds = {"input_ids": input_ids, "position_ids": position_ids, "text_mask": text_mask}
-        for i, (k, v) in enumerate(kv):
-            feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = k, v
-        out = self.graphs.run("decode", feeds)
-        return out["logits"], [[out[f"present.{i}.key"], out[f"present.{i}.value"]] for i in range(self.num_layers)]
+    def start_cache(self, out: PrefillResult, attention_mask, steps: int) -> KVCache:
+        """Caches with room for `steps` decode steps, filled with the prefill's keys/values."""
+        return KVCache(out.kv, np.asarray(attention_mask)[:, self.prefix + self.visual :].astype(np.int64), steps)
+
+    def decode(self, input_ids, position_ids, cache: KVCache):
+        """One greedy step: logits (B, V); the step's key/value are written into `cache`."""
+        if cache.free < 1:
+            raise UserInputError(f"the KV cache has no free slot left ({cache.capacity} text slots)",
+                                 field="--max-new-tokens", fix="start the cache with more steps")
+        out = self.graphs.run("decode", {"input_ids": input_ids, "position_ids": position_ids, **cache.feeds()})
+        cache.append(out)
+        return out["logits"]
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask, pixel_values, max_new_tokens: int | None = None):
         """Greedy tokens per sample (excluding eos) and the prefill result."""
         max_new = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if max_new < 1:
+            raise UserInputError(f"max_new_tokens {max_new} must be at least 1", field="--max-new-tokens",
+                                 fix="give a positive count")
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
         b = input_ids.shape[0]
         out = self.prefill(input_ids, attention_mask, self.encode_image(pixel_values))
-        head = self.prefix + self.visual
-        text_mask = attention_mask[:, head:].astype(np.int64)
-        next_pos = (head + out.text_len).astype(np.int64)[:, None]
-        logits, kv = out.logits, out.kv
+        cache = self.start_cache(out, attention_mask, max_new - 1)
+        next_pos = (self.prefix + self.visual + out.text_len).astype(np.int64)[:, None]
+        logits = out.logits
         tokens: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         for step in range(max_new):
@@ -115,8 +125,7 @@ class ArtifactRuntime:
                         tokens[j].append(t)
             if all(done) or step == max_new - 1:
                 break
-            text_mask = np.concatenate([text_mask, np.ones((b, 1), dtype=np.int64)], axis=1)
-            logits, kv = self.decode(nxt[:, None], next_pos, text_mask, kv)
+            logits = self.decode(nxt[:, None], next_pos, cache)
             next_pos = next_pos + 1
         return tokens, out
 
