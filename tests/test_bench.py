@@ -21,14 +21,27 @@ def test_bench_reports_every_figure(tmp_path):
     r = cli("bench", art, "--reps", "3", "--decode-steps", "2", "--json", "--save", out)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
-    for key in ("prefill", "decode", "flops", "kv_cache", "hf_pytorch", "memory"):
+    for key in ("providers", "peers", "best", "flops", "kv_cache"):
         assert key in res, key
     assert 0 < res["flops"]["ratio"] < 1 and 0 < res["kv_cache"]["ratio"] < 1
+    cpu = res["providers"]["cpu"]
+    for key in ("ttft", "prefill", "decode", "memory"):
+        assert key in cpu, key
     raw = res["raw_ms"]
-    # the HF reference is timed inside the same interleaved loop as the two ONNX variants
-    assert len(raw["pruned"]["prefill"]) == len(raw["dense"]["prefill"]) == len(raw["hf"]["prefill"]) == 3
-    assert abs(res["prefill"]["pruned_ms"] - statistics.median(raw["pruned"]["prefill"])) < 1e-2
-    hf = res["hf_pytorch"]
-    assert abs(hf["prefill_ms"] - statistics.median(raw["hf"]["prefill"])) < 1e-2
-    assert abs(hf["prefill_speedup"] - hf["prefill_ms"] / res["prefill"]["pruned_ms"]) < 1e-2
+    # the HF peer is timed inside the same interleaved loop as the two ONNX variants
+    assert len(raw["cpu/pruned"]["prefill"]) == len(raw["cpu/dense"]["prefill"]) == len(raw["peer/hf_pytorch"]["prefill"]) == 3
+    assert abs(cpu["prefill"]["pruned_ms"] - statistics.median(raw["cpu/pruned"]["prefill"])) < 1e-2
+    assert abs(cpu["ttft"]["pruned_ms"] - statistics.median(raw["cpu/pruned"]["ttft"])) < 1e-2
+    hf = res["peers"]["hf_pytorch"]
+    assert abs(hf["ttft_ms"] - statistics.median(raw["peer/hf_pytorch"]["ttft"])) < 1e-2
+    assert hf["peak_mb"] > 0
+    b = res["best"]
+    assert b["provider"] == "cpu" and b["ttft_ms"] == cpu["ttft"]["pruned_ms"]
+    assert abs(b["ttft_vs_hf_pytorch"] - b["ttft_ms"] / hf["ttft_ms"]) < 1e-3
+    assert abs(cpu["prefill"]["latency_over_flops"] - cpu["prefill"]["latency_ratio"] / res["flops"]["ratio"]) < 1e-3
     assert (art / "bench" / "dense" / "manifest.json").is_file()
+
+
+def test_bench_bad_options_are_one_line(tmp_path):
+    r = cli("bench", tmp_path, "--reps", "0")
+    assert r.returncode == 2 and "--reps" in r.stderr and "Traceback" not in r.stderr

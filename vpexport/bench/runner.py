@@ -1,54 +1,77 @@
-"""`vpexport bench`: pruned artifacts against the same model exported without pruning.
+"""`vpexport bench`: pruned artifacts against the same model unpruned, on every runtime asked for,
+and against the peers a user would run instead, side by side in one interleaved run.
 
-Both variants run in one process on the same runtime, provider and thread count, with
-interleaved repetitions (A B B A ...), so machine noise hits both alike; medians are reported.
-The Hugging Face PyTorch model (unpruned, SDPA) is timed on the same inputs. Peak memory is
-measured per variant in a fresh subprocess (VmHWM of a process that only loads and runs it).
+Variants, all in one process with the same thread count:
+  providers   for each --provider (vpexport/runtime/providers.py): the pruned artifacts and the
+              same recipe exported without pruning (bench/dense/), on that provider
+  peers       vpexport/bench/peers.py's table: openvino-genai (the same checkpoint exported by
+              optimum-intel, run by `openvino_genai.VLMPipeline`), hf-pytorch (Hugging Face
+              `LlavaForConditionalGeneration`, unpruned, SDPA)
+
+Repetition r times every variant once, on eval sample r (a distinct image and question per
+repetition: OpenVINO GenAI reuses the KV state of a repeated image), in an order rotated by r, so
+each variant follows a different one each time and none finds only its own weights warm in the
+cache. Medians are reported. TTFT is the time from image + question to the first token's logits:
+tokenizer and preprocessing, vision, prefill (OpenVINO GenAI's TTFT spans the same steps). Peak
+RSS is measured per variant in a fresh process (VmHWM of a process that only loads and runs it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from vpexport.errors import ArtifactError
+from vpexport.errors import ArtifactError, UserInputError
 
 DENSE_SUBDIR = Path("bench") / "dense"
+WARMUP = 2
 
 
 def _median_ms(xs: list[float]) -> float:
     return round(statistics.median(xs) * 1e3, 3)
 
 
-def _inputs(rt, recipe, batch: int):
-    """The recipe's first eval samples (or a blank image) in the exported layout."""
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class Request:
+    images: list
+    questions: list
+
+
+def bench_requests(recipe, count: int, batch: int) -> list[Request]:
+    """`count` requests of `batch` distinct eval samples each (cycling when the split is short; a
+    blank image only when the recipe has no eval split)."""
     from PIL import Image
 
     from vpexport.data import load_samples
     from vpexport.runtime.preprocess import load_image
 
+    need = count * batch
     if recipe.task.data.eval:
-        samples = load_samples(recipe.task.data.eval, limit=batch, field="task.data.eval")
-        images = [load_image(s.image, field="task.data.eval") for s in samples]
-        questions = [s.question for s in samples]
+        samples = load_samples(recipe.task.data.eval, limit=need, field="task.data.eval")
+        pairs = [(load_image(s.image, field="task.data.eval"), s.question) for s in samples]
     else:
-        images, questions = [], []
-    size = 336
-    while len(images) < batch:
-        images.append(Image.new("RGB", (size, size), (127, 127, 127)))
-        questions.append("What is in the image?")
-    return rt.encode(images, questions)
+        pairs = []
+    if not pairs:
+        pairs = [(Image.new("RGB", (336, 336), (127, 127, 127)), "What is in the image?")]
+    pairs = [pairs[i % len(pairs)] for i in range(need)]
+    return [Request([p[0] for p in pairs[i : i + batch]], [p[1] for p in pairs[i : i + batch]])
+            for i in range(0, need, batch)]
 
 
 def ensure_dense_export(artifact_dir: Path, recipe, log=print) -> Path:
     """The unpruned export of the same recipe (cached under bench/dense/, keyed by the recipe)."""
+    import shutil
+
     from vpexport.export.onnx_export import export_artifacts
     from vpexport.pruning.schedule import Schedule
 
@@ -56,223 +79,327 @@ def ensure_dense_export(artifact_dir: Path, recipe, log=print) -> Path:
     key = json.dumps(recipe.resolved(), sort_keys=True, default=str)
     stamp = dense / "bench_key.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and (dense / "manifest.json").is_file():
-        return dense
+        graphs = json.loads((dense / "manifest.json").read_text()).get("export", {}).get("graphs", {})
+        outs = [o["name"] for o in graphs.get("decode", {}).get("outputs", [])]
+        if "new.0.key" in outs:  # an older export's decode returns whole caches: export again
+            return dense
     log(f"[bench] exporting the unpruned reference into {dense}")
     tmp = dense.with_name(dense.name + f".tmp-{os.getpid()}")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     export_artifacts(recipe, tmp, Schedule("none"), log=log)
     (tmp / "bench_key.json").write_text(json.dumps({"key": key}))
     if dense.exists():
-        import shutil
-
         shutil.rmtree(dense)
     tmp.rename(dense)
     return dense
 
 
-def _time_prefill(rt, ids, mask, feats):
-    t0 = time.perf_counter()
-    out = rt.prefill(ids, mask, feats)
-    return time.perf_counter() - t0, out
+# --------------------------------------------------------------------------- variants
+@dataclass
+class _Times:
+    ttft: list = field(default_factory=list)
+    encode: list = field(default_factory=list)
+    vision: list = field(default_factory=list)
+    prefill: list = field(default_factory=list)
+    decode: list = field(default_factory=list)  # seconds per token
+
+    def medians(self) -> dict:
+        return {k: _median_ms(v) for k, v in self.__dict__.items() if v and not any(map(math.isnan, v))}
+
+    def raw(self) -> dict:
+        return {k: [round(x * 1e3, 3) for x in v] for k, v in self.__dict__.items() if v}
 
 
-def _time_decode(rt, out, mask, steps: int):
-    """Mean seconds per greedy decode step over `steps` steps from a prefill result."""
-    head = rt.prefix + rt.visual
-    b = mask.shape[0]
-    text_mask = mask[:, head:].astype(np.int64)
-    pos = (head + out.text_len).astype(np.int64)[:, None]
-    logits, kv = out.logits, out.kv
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        nxt = logits.argmax(-1).astype(np.int64)[:, None]
-        text_mask = np.concatenate([text_mask, np.ones((b, 1), dtype=np.int64)], axis=1)
-        logits, kv = rt.decode(nxt, pos, text_mask, kv)
-        pos = pos + 1
-    return (time.perf_counter() - t0) / steps
+class _Artifacts:
+    """One artifact folder on one provider: encode -> vision -> prefill, then decode steps."""
+
+    def __init__(self, directory: Path, provider: str, precision: str, threads: int):
+        from vpexport.runtime.generate import ArtifactRuntime
+
+        self.rt = ArtifactRuntime.open(directory, provider=provider, threads=threads, precision=precision)
+        self.precision = self.rt.precision
+
+    def run(self, req: Request, steps: int, t: _Times | None) -> None:
+        rt = self.rt
+        t0 = time.perf_counter()
+        ids, mask, px = rt.encode(req.images, req.questions)
+        t1 = time.perf_counter()
+        feats = rt.encode_image(px)
+        t2 = time.perf_counter()
+        out = rt.prefill(ids, mask, feats)
+        t3 = time.perf_counter()
+        cache = rt.start_cache(out, mask, steps)
+        pos = (rt.prefix + rt.visual + out.text_len).astype(np.int64)[:, None]
+        logits = out.logits
+        t4 = time.perf_counter()
+        for _ in range(steps):
+            logits = rt.decode(logits.argmax(-1).astype(np.int64)[:, None], pos, cache)
+            pos = pos + 1
+        t5 = time.perf_counter()
+        if t is not None:
+            t.encode.append(t1 - t0), t.vision.append(t2 - t1), t.prefill.append(t3 - t2)
+            t.ttft.append(t3 - t0)
+            t.decode.append((t5 - t4) / steps if steps else float("nan"))
 
 
-def peak_memory_mb(artifact_dir: Path, threads: int, batch: int, steps: int) -> float:
-    """Peak RSS (MiB) of a fresh process that opens the artifacts and runs prefill + decode."""
-    code = (
-        "import sys,json; from vpexport.bench.runner import _child_run; "
-        f"_child_run({str(artifact_dir)!r}, {threads}, {batch}, {steps})"
-    )
+class _HfPeer:
+    """Hugging Face LlavaForConditionalGeneration (unpruned, SDPA): processor + vision + prefill."""
+
+    name = "hf_pytorch"
+
+    def __init__(self, recipe, threads: int, batch: int):
+        import torch
+
+        from vpexport.model.loading import load_llava
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model, self.processor = load_llava(recipe.model_dir, recipe.model.dtype)
+        self.template = recipe.task.prompt
+        self.precision = str(recipe.model.dtype)
+        self.version = f"transformers {__import__('transformers').__version__}, torch {torch.__version__}"
+
+    def run(self, req: Request, steps: int, t: _Times | None) -> None:
+        from vpexport.model.loading import image_embeds
+
+        torch = self.torch
+        t0 = time.perf_counter()
+        enc = self.processor(images=req.images, text=[self.template.replace("{question}", q) for q in req.questions],
+                             return_tensors="pt", padding=True)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            emb = image_embeds(self.model, enc["input_ids"], enc["pixel_values"])
+            t2 = time.perf_counter()
+            self.model(inputs_embeds=emb, attention_mask=enc["attention_mask"], logits_to_keep=1)
+        t3 = time.perf_counter()
+        if t is not None:
+            t.encode.append(t1 - t0), t.vision.append(t2 - t1), t.prefill.append(t3 - t2), t.ttft.append(t3 - t0)
+
+
+class _OvGenAIPeer:
+    name = "openvino_genai"
+
+    def __init__(self, artifact_dir: Path, recipe, threads: int, precision: str, log):
+        from vpexport.bench.peers import OpenVinoGenAIPeer
+
+        self.peer = OpenVinoGenAIPeer(artifact_dir, recipe.model_dir, threads,
+                                      precision=None if precision == "auto" else precision, log=log)
+        self.template = recipe.task.prompt
+        self.precision = self.peer.precision
+        self.version = f"openvino-genai {self.peer.version}"
+
+    def run(self, req: Request, steps: int, t: _Times | None) -> None:
+        if len(req.images) != 1:
+            raise UserInputError("the openvino-genai peer runs one request at a time", field="--batch",
+                                 fix="use --batch 1 with --peer openvino-genai")
+        r = self.peer.run_once(req.images[0], self.template.replace("{question}", req.questions[0]), steps)
+        if t is not None:
+            t.ttft.append(r["ttft_ms"] / 1e3)
+            t.decode.append(r["decode_ms_per_token"] / 1e3)
+            if math.isfinite(r.get("prepare_embeddings_ms", float("nan"))):
+                t.vision.append(r["prepare_embeddings_ms"] / 1e3)  # image preprocessing + vision + embeddings
+                t.prefill.append((r["ttft_ms"] - r["prepare_embeddings_ms"]) / 1e3)
+
+
+PEER_NAMES = {"openvino-genai": "openvino_genai", "hf-pytorch": "hf_pytorch"}
+
+
+# --------------------------------------------------------------------------- peak memory
+def peak_memory_mb(kind: str, args: dict) -> float:
+    """Peak RSS (MiB) of a fresh process that loads one variant and runs one request."""
+    code = f"from vpexport.bench.runner import _child_run; _child_run({kind!r}, {json.dumps(args)!r})"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
-        raise ArtifactError(f"memory probe failed: {res.stderr.strip().splitlines()[-1:]}", field="bench")
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ArtifactError(f"memory probe of {kind} failed: {tail[:300]}", field="bench")
     return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
-def _child_run(artifact_dir: str, threads: int, batch: int, steps: int) -> None:
+def _child_run(kind: str, args_json: str) -> None:
     from vpexport.recipe import load_recipe
-    from vpexport.runtime.generate import ArtifactRuntime
 
-    rt = ArtifactRuntime.open(artifact_dir, threads=threads, verify=False)
-    recipe = load_recipe(Path(artifact_dir) / "recipe.resolved.yaml", check=False)
-    ids, mask, px = _inputs(rt, recipe, batch)
-    out = rt.prefill(ids, mask, rt.encode_image(px))
-    _time_decode(rt, out, mask, steps)
+    a = json.loads(args_json)
+    recipe = load_recipe(Path(a["artifact_dir"]) / "recipe.resolved.yaml", check=False)
+    req = bench_requests(recipe, 1, a["batch"])[0]
+    if kind == "artifacts":
+        v = _Artifacts(Path(a["dir"]), a["provider"], a["precision"], a["threads"])
+    elif kind == "openvino_genai":
+        v = _OvGenAIPeer(Path(a["artifact_dir"]), recipe, a["threads"], a["precision"], log=lambda m: None)
+    else:
+        v = _HfPeer(recipe, a["threads"], a["batch"])
+    v.run(req, a["steps"], None)
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
     print(json.dumps({"peak_mb": hwm / 1024}))
 
 
-class _HfReference:
-    """Hugging Face LlavaForConditionalGeneration (unpruned, SDPA): decoder prefill and full TTFT."""
-
-    def __init__(self, recipe, ids, mask, px, threads: int):
-        import torch
-
-        from vpexport.model.loading import image_embeds, load_llava
-
-        torch.set_num_threads(threads)
-        self.torch = torch
-        self.model, _ = load_llava(recipe.model_dir, recipe.model.dtype)
-        self.ids, self.mask, self.px = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(px)
-        with torch.inference_mode():
-            self.emb = image_embeds(self.model, self.ids, self.px)
-
-    def prefill(self):
-        with self.torch.inference_mode():
-            self.model(inputs_embeds=self.emb, attention_mask=self.mask, logits_to_keep=1)
-
-    def ttft(self):
-        with self.torch.inference_mode():
-            self.model(input_ids=self.ids, attention_mask=self.mask, pixel_values=self.px, logits_to_keep=1)
-
-
+# --------------------------------------------------------------------------- the run
 def run_bench(
     artifact_dir: str | Path,
     reps: int = 10,
     decode_steps: int = 16,
     threads: int | None = None,
     batch: int = 1,
-    with_hf: bool = True,
+    providers: tuple[str, ...] = ("cpu",),
+    peers: tuple[str, ...] = ("hf-pytorch",),
+    precision: str = "auto",
     with_memory: bool = True,
     log=print,
 ) -> dict:
     from vpexport.accounting import kv_cache_bytes, prefill_flops
+    from vpexport.bench.peers import PeerUnavailable
     from vpexport.manifest import read_manifest
+    from vpexport.paths import resolve_schedule
     from vpexport.recipe import load_recipe
-    from vpexport.runtime.generate import ArtifactRuntime
+    from vpexport.runtime.providers import get as get_provider
 
+    for name, value, low in (("--reps", reps, 1), ("--decode-steps", decode_steps, 0), ("--batch", batch, 1)):
+        if value < low:
+            raise UserInputError(f"{name} {value} must be at least {low}", field=name, fix=f"give {low} or more")
+    if threads is not None and threads < 1:
+        raise UserInputError(f"--threads {threads} must be at least 1", field="--threads", fix="give 1 or more")
+    if not providers:
+        raise UserInputError("no --provider given", field="--provider", fix="name at least one, e.g. --provider cpu")
+    for p in providers:
+        get_provider(p)
+    for p in peers:
+        if p not in PEER_NAMES:
+            raise UserInputError(f"unknown peer {p!r}", field="--peer", fix=f"use one of {', '.join(PEER_NAMES)}")
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     recipe = load_recipe(artifact_dir / "recipe.resolved.yaml")
+    if batch > recipe.export.batch.max:
+        raise UserInputError(f"--batch {batch} exceeds the export's batch.max {recipe.export.batch.max}",
+                             field="--batch", fix=f"use at most {recipe.export.batch.max}")
     threads = threads or (os.cpu_count() or 1)
     dense_dir = ensure_dense_export(artifact_dir, recipe, log=log)
 
-    pruned_rt = ArtifactRuntime.open(artifact_dir, threads=threads)
-    dense_rt = ArtifactRuntime.open(dense_dir, threads=threads)
-    ids, mask, px = _inputs(pruned_rt, recipe, batch)
-    feats = pruned_rt.encode_image(px)
+    variants: dict[str, object] = {}
+    for p in providers:
+        log(f"[bench] opening the artifacts on {p}")
+        variants[f"{p}/pruned"] = _Artifacts(artifact_dir, p, precision, threads)
+        variants[f"{p}/dense"] = _Artifacts(dense_dir, p, precision, threads)
+    skipped = {}
+    for p in peers:
+        key = PEER_NAMES[p]
+        try:
+            if key == "openvino_genai":
+                variants[f"peer/{key}"] = _OvGenAIPeer(artifact_dir, recipe, threads, precision, log)
+            else:
+                variants[f"peer/{key}"] = _HfPeer(recipe, threads, batch)
+        except PeerUnavailable as e:
+            skipped[key] = e.one_line()
+            log(f"[bench] peer {p} skipped: {e.one_line()}")
 
-    # The HF reference runs inside the same interleaved loop, its prefill and its vision + prefill in
-    # separate slots between the ONNX variants (pruned, hf prefill, dense, hf ttft, pruned, ...):
-    # every timed call follows another model's run, so none finds its own weights still warm in the
-    # cache (the ONNX prefill run right after itself was measured ~12% faster, HF's vision + prefill
-    # right after its prefill ~9%). Without HF, the two variants alternate A B, B A.
-    hf = _HfReference(recipe, ids, mask, px, threads) if with_hf else None
-    # Warm-up (first runs allocate and pick kernels), then interleaved repetitions.
-    for rt in (pruned_rt, dense_rt):
-        for _ in range(2):
-            rt.prefill(ids, mask, feats)
-    if hf is not None:
-        hf.prefill(), hf.ttft()
-    times = {"pruned": {"vision": [], "prefill": [], "decode": []}, "dense": {"vision": [], "prefill": [], "decode": []}}
-    hf_times = {"prefill": [], "ttft": []}
-    variants = {"pruned": pruned_rt, "dense": dense_rt}
-    cycle = ("pruned", "hf_prefill", "dense", "hf_ttft") if hf is not None else None
-    log(f"[bench] {reps} interleaved repetitions ({', '.join(cycle or variants)}), {threads} threads, "
-        f"batch {batch}, {decode_steps} decode steps")
+    names = list(variants)
+    requests = bench_requests(recipe, reps + WARMUP, batch)
+    log(f"[bench] {WARMUP} warm-up + {reps} interleaved repetitions of {', '.join(names)}; {threads} threads, "
+        f"batch {batch}, {decode_steps} decode steps, a distinct eval sample per repetition")
+    for w in range(WARMUP):  # first runs allocate and pick kernels
+        for n in names:
+            variants[n].run(requests[reps + w], decode_steps, None)
+    times = {n: _Times() for n in names}
     for r in range(reps):
-        order = cycle or (("pruned", "dense") if r % 2 == 0 else ("dense", "pruned"))
-        for name in order:
-            if name.startswith("hf_"):
-                key = name[3:]
-                t0 = time.perf_counter()
-                getattr(hf, key)()
-                hf_times[key].append(time.perf_counter() - t0)
-                continue
-            rt = variants[name]
-            t0 = time.perf_counter()
-            f = rt.encode_image(px)
-            times[name]["vision"].append(time.perf_counter() - t0)
-            dt, out = _time_prefill(rt, ids, mask, f)
-            times[name]["prefill"].append(dt)
-            times[name]["decode"].append(_time_decode(rt, out, mask, decode_steps))
-    med = {v: {k: _median_ms(xs) for k, xs in t.items()} for v, t in times.items()}
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            variants[n].run(requests[r], decode_steps, times[n])
+    med = {n: t.medians() for n, t in times.items()}
 
-    arch = recipe.resolve_arch()
-    from vpexport.paths import resolve_schedule
-
-    sched = resolve_schedule(recipe, arch, artifact_dir)
     # FLOPs of what the graphs execute: in padded mode the text part is always export.text_length.max.
     from dataclasses import replace
 
+    arch = recipe.resolve_arch()
+    sched = resolve_schedule(recipe, arch, artifact_dir)
     layout = recipe.layout(arch, batch=batch)
-    if pruned_rt.padded:
-        layout = replace(layout, text=pruned_rt.text_max)
+    any_rt = variants[f"{providers[0]}/pruned"].rt
+    if any_rt.padded:
+        layout = replace(layout, text=any_rt.text_max)
     flops = prefill_flops(arch, sched, layout)
     kv = kv_cache_bytes(arch, sched, layout, dtype="float32" if recipe.export.precision == "fp32" else "float16")
-    result = {
+    flops_ratio = round(flops["ratio"], 4)
+
+    result: dict = {
         "artifact": str(artifact_dir),
         "recipe": recipe.name,
         "device": _cpu_name(),
-        "runtime": f"onnxruntime {_ort_version()} CPUExecutionProvider",
         "threads": threads,
         "batch": batch,
         "reps": reps,
         "decode_steps": decode_steps,
+        "versions": _versions(),
         "schedule": sched.to_dict(),
         "layout": layout.to_dict(),
-        "prefill": {
-            "pruned_ms": med["pruned"]["prefill"],
-            "dense_ms": med["dense"]["prefill"],
-            "latency_ratio": round(med["pruned"]["prefill"] / med["dense"]["prefill"], 4),
-        },
-        "ttft": {
-            "pruned_ms": round(med["pruned"]["vision"] + med["pruned"]["prefill"], 3),
-            "dense_ms": round(med["dense"]["vision"] + med["dense"]["prefill"], 3),
-        },
-        "decode": {
-            "pruned_ms_per_token": med["pruned"]["decode"],
-            "dense_ms_per_token": med["dense"]["decode"],
-            "latency_ratio": round(med["pruned"]["decode"] / med["dense"]["decode"], 4),
-        },
-        "flops": {"dense": flops["dense"], "pruned": flops["pruned"], "ratio": round(flops["ratio"], 4)},
+        "flops": {"dense": flops["dense"], "pruned": flops["pruned"], "ratio": flops_ratio},
         "kv_cache": {"dense_bytes": kv["dense_bytes"], "pruned_bytes": kv["pruned_bytes"], "ratio": round(kv["ratio"], 4)},
-        "raw_ms": {v: {k: [round(x * 1e3, 3) for x in xs] for k, xs in t.items()} for v, t in times.items()},
+        "providers": {},
+        "peers": {},
+        "peers_skipped": skipped,
+        "raw_ms": {n: t.raw() for n, t in times.items()},
     }
-    result["ttft"]["latency_ratio"] = round(result["ttft"]["pruned_ms"] / result["ttft"]["dense_ms"], 4)
-    result["prefill"]["latency_over_flops"] = round(result["prefill"]["latency_ratio"] / result["flops"]["ratio"], 4)
-    if with_memory:
-        log("[bench] peak memory (fresh process per variant)")
-        pm = peak_memory_mb(artifact_dir, threads, batch, decode_steps)
-        dm = peak_memory_mb(dense_dir, threads, batch, decode_steps)
-        result["memory"] = {"pruned_peak_mb": round(pm, 1), "dense_peak_mb": round(dm, 1), "ratio": round(pm / dm, 4)}
-    if hf is not None:
-        hf_ms = {"prefill_ms": _median_ms(hf_times["prefill"]), "ttft_ms": _median_ms(hf_times["ttft"])}
-        log(f"[bench] hf pytorch: prefill {hf_ms['prefill_ms']} ms, vision+prefill {hf_ms['ttft_ms']} ms")
-        result["hf_pytorch"] = {
-            **hf_ms,
-            "prefill_speedup": round(hf_ms["prefill_ms"] / result["prefill"]["pruned_ms"], 3),
-            "ttft_speedup": round(hf_ms["ttft_ms"] / result["ttft"]["pruned_ms"], 3),
-            "dense_onnx_prefill_speedup": round(hf_ms["prefill_ms"] / result["prefill"]["dense_ms"], 3),
+    for p in providers:
+        a, b = med[f"{p}/pruned"], med[f"{p}/dense"]
+        row = {
+            "runtime": get_provider(p).summary,
+            "precision": variants[f"{p}/pruned"].precision,
+            "ttft": {"pruned_ms": a["ttft"], "dense_ms": b["ttft"], "latency_ratio": round(a["ttft"] / b["ttft"], 4)},
+            "encode": {"pruned_ms": a["encode"], "dense_ms": b["encode"]},
+            "vision": {"pruned_ms": a["vision"], "dense_ms": b["vision"]},
+            "prefill": {"pruned_ms": a["prefill"], "dense_ms": b["prefill"],
+                        "latency_ratio": round(a["prefill"] / b["prefill"], 4)},
         }
-        result["raw_ms"]["hf"] = {k: [round(x * 1e3, 3) for x in xs] for k, xs in hf_times.items()}
+        row["prefill"]["latency_over_flops"] = round(row["prefill"]["latency_ratio"] / flops_ratio, 4)
+        if decode_steps:
+            row["decode"] = {"pruned_ms_per_token": a["decode"], "dense_ms_per_token": b["decode"],
+                             "latency_ratio": round(a["decode"] / b["decode"], 4)}
+        result["providers"][p] = row
+    for n in names:
+        if n.startswith("peer/"):
+            key, m, v = n[5:], med[n], variants[n]
+            row = {"precision": v.precision, "version": v.version, "ttft_ms": m["ttft"]}
+            if "prefill" in m:
+                row["prefill_ms"] = m["prefill"]
+            if "decode" in m and decode_steps:
+                row["decode_ms_per_token"] = m["decode"]
+            result["peers"][key] = row
+    if with_memory:
+        log("[bench] peak memory (a fresh process per variant)")
+        base = {"artifact_dir": str(artifact_dir), "threads": threads, "batch": batch, "steps": decode_steps,
+                "precision": precision}
+        for p in providers:
+            for which, d in (("pruned", artifact_dir), ("dense", dense_dir)):
+                mb = peak_memory_mb("artifacts", {**base, "dir": str(d), "provider": p})
+                result["providers"][p].setdefault("memory", {})[f"{which}_peak_mb"] = round(mb, 1)
+        for key in result["peers"]:
+            result["peers"][key]["peak_mb"] = round(peak_memory_mb(key, base), 1)
+    best = min(providers, key=lambda p: result["providers"][p]["ttft"]["pruned_ms"])
+    b = result["providers"][best]
+    result["best"] = {
+        "provider": best,
+        "precision": b["precision"],
+        "ttft_ms": b["ttft"]["pruned_ms"],
+        "prefill_ms": b["prefill"]["pruned_ms"],
+        "decode_ms_per_token": b.get("decode", {}).get("pruned_ms_per_token"),
+        "prefill_latency_over_flops": b["prefill"]["latency_over_flops"],
+    }
+    for key, row in result["peers"].items():
+        result["best"][f"ttft_vs_{key}"] = round(b["ttft"]["pruned_ms"] / row["ttft_ms"], 4)
+        if row.get("decode_ms_per_token") and result["best"]["decode_ms_per_token"]:
+            result["best"][f"decode_vs_{key}"] = round(result["best"]["decode_ms_per_token"] / row["decode_ms_per_token"], 4)
     result["manifest_schedule"] = manifest.get("schedule")
     return result
 
 
-def _ort_version() -> str:
-    import onnxruntime
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
 
-    return onnxruntime.__version__
+    out = {}
+    for dist in ("onnxruntime", "openvino", "openvino-genai", "torch", "transformers"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def _cpu_name() -> str:

@@ -1,4 +1,4 @@
-"""`vpexport bench ARTIFACT_DIR`: pruned vs unpruned latency, memory, FLOPs and KV ratios."""
+"""`vpexport bench ARTIFACT_DIR`: pruned vs unpruned on each provider, and the peers, in one run."""
 
 from __future__ import annotations
 
@@ -6,23 +6,36 @@ import json
 
 import click
 
+from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICES
+
 
 @click.command()
 @click.argument("artifact_dir", type=click.Path())
+@click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDER_NAMES),
+              help="Runtime of the artifacts; repeat to compare several (default: cpu).")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
+              help="Inference precision for providers and peers that choose one (openvino, openvino-genai).")
+@click.option("--peer", "peers", multiple=True, type=click.Choice(["openvino-genai", "hf-pytorch"]),
+              help="What a user would run instead, timed in the same loop; repeat (default: hf-pytorch).")
 @click.option("--reps", type=int, default=10, show_default=True, help="Interleaved repetitions per variant.")
 @click.option("--decode-steps", type=int, default=16, show_default=True, help="Greedy decode steps timed per repetition.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads for every runtime (default: all cores).")
+@click.option("--threads", type=int, default=None, help="Threads for every runtime (default: all cores).")
 @click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--no-hf", is_flag=True, help="Skip timing the Hugging Face PyTorch model.")
+@click.option("--no-hf", is_flag=True, help="Leave out the Hugging Face PyTorch peer.")
 @click.option("--no-memory", is_flag=True, help="Skip the per-variant peak-memory subprocesses.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @click.option("--save", type=click.Path(), default=None, help="Also write the JSON result to this file.")
-def bench(artifact_dir, reps, decode_steps, threads, batch, no_hf, no_memory, as_json, save):
-    """Benchmark ARTIFACT_DIR against the same model exported without pruning (same runtime, same threads)."""
+def bench(artifact_dir, providers, precision, peers, reps, decode_steps, threads, batch, no_hf, no_memory, as_json, save):
+    """Time ARTIFACT_DIR against the same model exported without pruning (same runtime, same
+    threads), and against the peers, interleaved in one run."""
     from vpexport.bench.runner import run_bench
 
+    peers = list(peers) if peers else ["hf-pytorch"]
+    if no_hf:
+        peers = [p for p in peers if p != "hf-pytorch"]
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    res = run_bench(artifact_dir, reps, decode_steps, threads, batch, not no_hf, not no_memory, log=log)
+    res = run_bench(artifact_dir, reps, decode_steps, threads, batch, tuple(providers or ("cpu",)), tuple(peers),
+                    precision, not no_memory, log=log)
     if save:
         from pathlib import Path
 
@@ -30,24 +43,37 @@ def bench(artifact_dir, reps, decode_steps, threads, batch, no_hf, no_memory, as
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
-    p, d, f = res["prefill"], res["decode"], res["flops"]
-    click.echo(f"\n{res['recipe']}  {res['runtime']}, {res['threads']} threads, batch {res['batch']}, device: {res['device']}")
-    click.echo(f"{'':28}{'pruned':>12}{'unpruned':>12}{'ratio':>9}")
-    click.echo(f"{'prefill (ms)':28}{p['pruned_ms']:>12.2f}{p['dense_ms']:>12.2f}{p['latency_ratio']:>9.3f}")
-    t = res["ttft"]
-    click.echo(f"{'vision + prefill (ms)':28}{t['pruned_ms']:>12.2f}{t['dense_ms']:>12.2f}{t['latency_ratio']:>9.3f}")
-    click.echo(f"{'decode (ms / token)':28}{d['pruned_ms_per_token']:>12.2f}{d['dense_ms_per_token']:>12.2f}{d['latency_ratio']:>9.3f}")
-    click.echo(f"{'prefill FLOPs (exact)':28}{f['pruned']:>12.3g}{f['dense']:>12.3g}{f['ratio']:>9.3f}")
-    k = res["kv_cache"]
-    click.echo(f"{'KV cache (bytes)':28}{k['pruned_bytes']:>12.3g}{k['dense_bytes']:>12.3g}{k['ratio']:>9.3f}")
-    if "memory" in res:
-        m = res["memory"]
-        click.echo(f"{'peak RSS (MiB)':28}{m['pruned_peak_mb']:>12.1f}{m['dense_peak_mb']:>12.1f}{m['ratio']:>9.3f}")
-    click.echo(f"prefill latency ratio / FLOPs ratio = {p['latency_over_flops']:.3f}")
-    if "hf_pytorch" in res:
-        h = res["hf_pytorch"]
-        click.echo(
-            f"HF PyTorch unpruned: prefill {h['prefill_ms']:.2f} ms ({h['prefill_speedup']:.2f}x slower than pruned ONNX), "
-            f"vision+prefill {h['ttft_ms']:.2f} ms ({h['ttft_speedup']:.2f}x)"
-        )
+    click.echo(format_result(res))
     click.echo(f"next: vpexport bench {artifact_dir} --json --save bench.json")
+
+
+def format_result(res: dict) -> str:
+    f = res["flops"]
+    lines = [f"\n{res['recipe']}: {res['threads']} threads, batch {res['batch']}, {res['reps']} reps, "
+             f"{res['decode_steps']} decode steps; {res['device']}",
+             f"{'variant':34}{'precision':>10}{'TTFT ms':>10}{'prefill ms':>12}{'decode ms/tok':>15}{'peak MiB':>10}"]
+
+    def row(name, prec, ttft, prefill, dec, mem):
+        fmt = lambda x, w: f"{x:>{w}.1f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+        lines.append(f"{name:34}{prec:>10}{fmt(ttft, 10)}{fmt(prefill, 12)}{fmt(dec, 15)}{fmt(mem, 10)}")
+
+    for p, r in res["providers"].items():
+        d, m = r.get("decode", {}), r.get("memory", {})
+        row(f"{p} pruned", r["precision"], r["ttft"]["pruned_ms"], r["prefill"]["pruned_ms"],
+            d.get("pruned_ms_per_token"), m.get("pruned_peak_mb"))
+        row(f"{p} unpruned", r["precision"], r["ttft"]["dense_ms"], r["prefill"]["dense_ms"],
+            d.get("dense_ms_per_token"), m.get("dense_peak_mb"))
+    for k, r in res["peers"].items():
+        row(f"peer {k} (unpruned)", r["precision"], r["ttft_ms"], r.get("prefill_ms"), r.get("decode_ms_per_token"),
+            r.get("peak_mb"))
+    for k, why in res.get("peers_skipped", {}).items():
+        lines.append(f"peer {k} skipped: {why}")
+    lines.append(f"prefill FLOPs (exact): pruned {f['pruned']:.3g}, unpruned {f['dense']:.3g}, ratio {f['ratio']:.3f}")
+    for p, r in res["providers"].items():
+        lines.append(f"{p}: prefill latency ratio {r['prefill']['latency_ratio']:.3f} = "
+                     f"{r['prefill']['latency_over_flops']:.3f} x the FLOPs ratio")
+    b = res["best"]
+    vs = ", ".join(f"{k[8:]} {v:.3f}x" for k, v in b.items() if k.startswith("ttft_vs_"))
+    lines.append(f"best: {b['provider']} ({b['precision']}), TTFT {b['ttft_ms']:.1f} ms"
+                 + (f" ({vs} of the peers' TTFT)" if vs else ""))
+    return "\n".join(lines)
