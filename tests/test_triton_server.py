@@ -229,3 +229,16 @@ def test_server_bls_matches_vpexport_run(artifact, samples, reference, tmp_path)
     assert check_repository(repo) == []  # the BLS wiring still names models with those inputs/outputs
     n = 8  # fewer requests: every decode step is a BLS round trip
     _serve_and_compare(repo, ["vision", "prefill", "decode", "llava"], samples[:n], reference[:n], tmp_path, min_requests=n)
+
+
+def test_server_inprocess_openvino_matches_vpexport_run(artifact, samples, reference, tmp_path):
+    """The python model runs the graphs with OpenVINO (f32) on CPU instances: answers equal ONNX Runtime's."""
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'vpexport[openvino]')")
+    from vpexport.package.triton import check_repository, package_triton
+
+    repo = tmp_path / "repo"
+    s = package_triton(artifact, repo, None, provider="openvino", precision="f32")
+    assert s["models"]["llava"]["provider"] == "openvino" and check_repository(repo) == []
+    cfg = (repo / "llava" / "config.pbtxt").read_text()
+    assert re.search(r'key: "provider"\s+value \{\s+string_value: "openvino"', cfg)
+    _serve_and_compare(repo, ["llava"], samples, reference, tmp_path)

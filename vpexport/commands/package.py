@@ -20,9 +20,14 @@ import click
 @click.option("--recipe", "recipe_path", type=click.Path(), default=None,
               help="Take deploy.triton from this recipe instead of the one recorded in the artifacts.")
 @click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime threads per python-model instance (0: ORT default).")
+@click.option("--provider", type=click.Choice(["cpu", "openvino"]), default=None,
+              help="Runtime inside the python model on CPU instances, inprocess mode (default: cpu = ONNX Runtime).")
+@click.option("--precision", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,
+              help="Inference precision for --provider openvino.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (or the problems) as JSON.")
-def package(artifact_dir, out, check_repo, mode, device, max_batch_size, instances, recipe_path, threads, force, as_json):
+def package(artifact_dir, out, check_repo, mode, device, max_batch_size, instances, recipe_path, threads, provider,
+            precision, force, as_json):
     """Write (--triton OUT) or check (--check REPO) a Triton model repository."""
     from vpexport.errors import ArtifactError, UserInputError
 
@@ -65,7 +70,7 @@ def package(artifact_dir, out, check_repo, mode, device, max_batch_size, instanc
         if max_batch_size is not None and deploy.get("preferred_batch_sizes"):
             deploy["preferred_batch_sizes"] = [b for b in deploy["preferred_batch_sizes"] if b <= max_batch_size]
     summary = package_triton(artifact_dir, out, deploy, force=force, threads=threads,
-                             log=lambda m: click.echo(m, err=True))
+                             log=lambda m: click.echo(m, err=True), provider=provider, precision=precision)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -168,7 +168,7 @@ def component_config(name: str, sig: dict, platform: str, d: dict):
     return cfg
 
 
-def llava_config(name: str, d: dict, components: list[str], provider: str, threads: int):
+def llava_config(name: str, d: dict, components: list[str], provider: str, threads: int, precision: str = "auto"):
     pb, _ = _pb()
     cfg = pb.ModelConfig()
     cfg.name = name
@@ -180,7 +180,7 @@ def llava_config(name: str, d: dict, components: list[str], provider: str, threa
         t.dims.append(1)
     _common(cfg, d, True, pb)
     params = {"mode": d["mode"], "artifact_dir": "artifact", "components": ",".join(components),
-              "provider": provider, "threads": str(threads)}
+              "provider": provider, "threads": str(threads), "precision": precision}
     for k, v in params.items():
         cfg.parameters[k].string_value = v
     return cfg
@@ -217,12 +217,14 @@ def _copy_runtime_package(dst: Path) -> None:
 
 # =========================================================================== packaging
 def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = PY_MODEL, force: bool = False,
-                   threads: int = 1, log=None) -> dict:
+                   threads: int = 1, log=None, provider: str | None = None, precision: str = "auto") -> dict:
     """Write the Triton model repository for ARTIFACT_DIR into OUT_DIR; returns a summary dict.
 
     `deploy_cfg`: a recipe's `deploy.triton` (TritonSection or dict), or its whole `deploy` section;
     None -> the one recorded in the artifact's manifest (the exported recipe), else the schema
     defaults. An existing OUT is replaced when `force` or when package_triton wrote it.
+    `provider`: the python model's runtime in inprocess mode on CPU instances (cpu = ONNX Runtime,
+    openvino; `precision` applies to openvino); GPU instances use tensorrt plans or cuda.
     """
     import time
 
@@ -285,9 +287,18 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
 
         # ---- the python model
         if d["device"] == "gpu":
+            if provider not in (None, "tensorrt", "cuda"):
+                raise UserInputError(f"--provider {provider} runs on CPU instances", field="--provider",
+                                     fix="use --device cpu, or leave --provider out for GPU instances")
             provider = "tensorrt" if plans else "cuda"
         else:
-            provider = "cpu"
+            provider = provider or "cpu"
+            if provider not in ("cpu", "openvino"):
+                raise UserInputError(f"--provider {provider} needs GPU instances", field="--provider",
+                                     fix="use --provider cpu or openvino, or --device gpu")
+            if provider == "openvino" and d["mode"] != "inprocess":
+                raise UserInputError("--provider openvino runs the graphs inside the python model", field="--provider",
+                                     fix="use --mode inprocess (bls sends them to Triton's onnxruntime backend)")
         pm = tmp / model_name
         ver = pm / "1"
         ver.mkdir(parents=True)
@@ -306,7 +317,7 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
         wiring = {n: {"inputs": [i[0] for i in sigs[n]["inputs"]], "outputs": [o[0] for o in sigs[n]["outputs"]]}
                   for n in COMPONENTS}
         (ver / "bls.json").write_text(json.dumps(wiring, indent=2) + "\n")
-        cfg = llava_config(model_name, d, list(COMPONENTS), provider, threads)
+        cfg = llava_config(model_name, d, list(COMPONENTS), provider, threads, precision)
         _write_config(pm, cfg)
         models[model_name] = {"backend": "python", "mode": d["mode"], "provider": provider,
                               "max_batch_size": cfg.max_batch_size}

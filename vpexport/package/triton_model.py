@@ -2,15 +2,17 @@
 
 Copied by `vpexport package --triton` into `<repo>/<model>/1/model.py` next to a copy of the
 torch-free `vpexport` runtime package and the artifact's runtime assets (`artifact/`). The stub
-needs only numpy, pillow, tokenizers and onnxruntime (and tensorrt + cuda-python for plans).
+needs only numpy, pillow, tokenizers and onnxruntime (openvino for provider openvino; tensorrt +
+cuda-python for plans).
 
 Parameters (config.pbtxt `parameters { key: ... value { string_value: ... } }`):
   mode          inprocess: run vision/prefill/decode with ONNX Runtime inside this stub
                 bls:       send each graph step to the `components` models (pb_utils.InferenceRequest)
   artifact_dir  the runtime assets (and, inprocess, onnx/); relative to this folder unless absolute
   components    the vision,prefill,decode model names (bls)
-  provider      cpu | cuda | tensorrt (inprocess)
-  threads       ONNX Runtime intra-op threads per instance (inprocess; 0 = ORT's default)
+  provider      cpu | openvino | cuda | tensorrt (inprocess; vpexport/runtime/providers.py)
+  precision     auto | f32 | bf16 (inprocess, provider openvino)
+  threads       runtime threads per instance (inprocess; 0 = the runtime's default)
 
 Requests queued together by the dynamic batcher are answered in one batched generation (up to
 the exported batch.max); a request whose image cannot be decoded gets its own error response.
@@ -81,7 +83,8 @@ class TritonPythonModel:
             from vpexport.runtime.generate import ArtifactRuntime
 
             threads = int(params.get("threads", "1") or 0) or None
-            self.rt = ArtifactRuntime(art, provider=params.get("provider", "cpu"), threads=threads, verify=True)
+            self.rt = ArtifactRuntime(art, provider=params.get("provider", "cpu"), threads=threads, verify=True,
+                                      precision=params.get("precision", "auto") or "auto")
         elif self.mode == "bls":
             with open(os.path.join(HERE, "bls.json")) as f:
                 wiring = json.load(f)
