@@ -176,19 +176,20 @@ def validate_artifacts(
             ref = pm.prefill(tid, tm, feats)
         stat("vision.image_features").add(rt.encode_image(px), feats.numpy())
         po = rt.prefill(ids, mask, feats.numpy())
-        stat("prefill.logits").add(po.logits, ref.logits.numpy())
         ref_kept = kept_tensors(schedule, ref.kept)
-        # A sample whose kept indices differ has other tokens in its caches from there on: its
-        # caches are not comparable element by element (they count as skipped; the kept-index check
-        # reports the sample, and at full precision fails on it).
+        # At reduced precision a sample whose kept indices differ has other tokens in its caches from
+        # there on: its caches and logits are not comparable element by element (they count as
+        # skipped; the agreement rate, generations and accuracy hold it to the recipe's thresholds).
+        # At full precision every sample is compared: there the kept indices must be identical.
         same_rows = np.ones(len(chunk), dtype=bool)
         for a, b_ in zip(po.kept, ref_kept):
             if a.shape == tuple(b_.shape):
                 same_rows &= ~(a != b_.numpy()).any(-1)
+        rows = same_rows if reduced and not same_rows.all() else None
+        stat("prefill.logits").add(po.logits, ref.logits.numpy(), rows=rows)
         for i in range(L):
             for j, w_ in enumerate(("key", "value")):
-                stat(f"prefill.present.{i}.{w_}").add(po.kv[i][j], ref.kv[i][j].numpy(),
-                                                      rows=None if same_rows.all() else same_rows)
+                stat(f"prefill.present.{i}.{w_}").add(po.kv[i][j], ref.kv[i][j].numpy(), rows=rows)
         for j, (a, b) in enumerate(zip(po.kept, ref_kept)):
             same_shape = a.shape == tuple(b.shape)
             rows = int((a != b.numpy()).any(-1).sum()) if same_shape else len(chunk)
