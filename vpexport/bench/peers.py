@@ -251,8 +251,15 @@ def ensure_peer_export(artifact_dir: Path, model_dir: Path, log=print) -> Path:
         raise UserInputError(f"{model_dir} is not a folder", field="model",
                              fix="point it at a Hugging Face LLaVA checkpoint folder")
     folder = peer_folder(artifact_dir)
-    exporter = require_exporter()
     previous = _read_stamp(folder)
+    exporter = find_exporter()
+    if exporter is None and previous and all((folder / f).is_file() for f in REQUIRED_FILES):
+        # No exporter here (the run needs none): an export of this very checkpoint is still good.
+        if peer_key(model_dir, str(previous.get("exporter", "")), previous)["key"] == previous.get("key"):
+            log(f"[bench] reusing the OpenVINO GenAI peer in {folder} (exported by {previous.get('exporter')}; "
+                "no exporter found here to check for a newer one)")
+            return folder
+    exporter = exporter or require_exporter()
     key = peer_key(model_dir, exporter_version(exporter), previous)
     if previous and previous.get("key") == key["key"] and all((folder / f).is_file() for f in REQUIRED_FILES):
         if previous.get("files") != key["files"]:
