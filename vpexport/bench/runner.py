@@ -11,7 +11,8 @@ Variants, all in one process with the same thread count:
 Repetition r times every variant once, on eval sample r (a distinct image and question per
 repetition: OpenVINO GenAI reuses the KV state of a repeated image), in an order rotated by r, so
 each variant follows a different one each time and none finds only its own weights warm in the
-cache. Medians are reported. TTFT is the time from image + question to the first token's logits:
+cache; an untimed pause between calls keeps one runtime's spinning threads out of the next one's
+time. Medians are reported. TTFT is the time from image + question to the first token's logits:
 tokenizer and preprocessing, vision, prefill (OpenVINO GenAI's TTFT spans the same steps). Peak
 RSS is measured per variant in a fresh process (VmHWM of a process that only loads and runs it).
 """
@@ -34,6 +35,10 @@ from vpexport.errors import ArtifactError, UserInputError
 
 DENSE_SUBDIR = Path("bench") / "dense"
 WARMUP = 2
+# Untimed pause between two variants' calls. ONNX Runtime's pool threads keep spinning for a while
+# after a run; without the pause they ran into the next variant's time (OpenVINO's vision graph took
+# ~88 ms right after an ONNX Runtime run, ~56 ms 50 ms later, on the 2-core development machine).
+PAUSE_S = 0.1
 
 
 def _median_ms(xs: list[float]) -> float:
@@ -303,6 +308,7 @@ def run_bench(
     for r in range(reps):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
+            time.sleep(PAUSE_S)
             variants[n].run(requests[r], decode_steps, times[n])
     med = {n: t.medians() for n, t in times.items()}
 

@@ -101,24 +101,29 @@ class OvGraphs:
             config["INFERENCE_PRECISION_HINT"] = precision
         self.version = ov.get_version()
         self._core, self._config = core, config
-        self._models, self._compiled, self._names = {}, {}, {}
+        self._paths, self._compiled = {}, {}
+        self.inputs, self.outputs = {}, {}
         for name in self.NAMES:
             path = Path(onnx_dir) / f"{name}.onnx"
-            if not path.is_file():
-                raise ArtifactError(f"{path} does not exist", field="artifacts", fix="re-run `vpexport export`")
-            try:
-                model = core.read_model(str(path))
-            except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses for any model fault
-                raise ArtifactError(f"OpenVINO cannot read {path}: {str(e).strip().splitlines()[0][:300]}",
-                                    field="artifacts", fix="re-run `vpexport export`") from None
-            self._models[name] = model
+            model = self._read(name, path)
+            self._paths[name] = path
             self._compiled[name] = {}
-        self.inputs = {n: [_io_name(p) for p in m.inputs] for n, m in self._models.items()}
-        self.outputs = {n: [_io_name(p) for p in m.outputs] for n, m in self._models.items()}
+            self.inputs[name] = [_io_name(p) for p in model.inputs]
+            self.outputs[name] = [_io_name(p) for p in model.outputs]
+            del model  # not kept: the fp32 weights of a read model would stay next to the compiled ones
         # The precision the plugin runs at (what `auto` resolved to), read from a compiled model.
-        probe = core.compile_model(self._models["vision"], "CPU", config)
+        probe = core.compile_model(core.read_model(str(self._paths["vision"])), "CPU", config)
         self.precision = _precision_name(probe.get_property("INFERENCE_PRECISION_HINT"))
         del probe
+
+    def _read(self, name: str, path: Path):
+        if not path.is_file():
+            raise ArtifactError(f"{path} does not exist", field="artifacts", fix="re-run `vpexport export`")
+        try:
+            return self._core.read_model(str(path))
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses for any model fault
+            raise ArtifactError(f"OpenVINO cannot read {path}: {str(e).strip().splitlines()[0][:300]}",
+                                field="artifacts", fix="re-run `vpexport export`") from None
 
     def _request(self, name: str, feeds: dict):
         key = tuple(np.shape(feeds[k]) for k in self.inputs[name])
@@ -126,7 +131,9 @@ class OvGraphs:
         if key in cache:
             cache[key] = cache.pop(key)  # most recently used last
             return cache[key]
-        model = self._models[name].clone()
+        # Read per new shape rather than kept: OpenVINO reads the ONNX weights into memory, and a
+        # kept fp32 model would double the weights' footprint next to the compiled (bf16) ones.
+        model = self._read(name, self._paths[name])
         model.reshape({p: list(shape) for p, shape in zip(model.inputs, key)})
         try:
             cm = self._core.compile_model(model, "CPU", self._config)
@@ -134,6 +141,7 @@ class OvGraphs:
             raise ArtifactError(f"OpenVINO cannot compile {name}.onnx for input shapes {key}: "
                                 f"{str(e).strip().splitlines()[0][:300]}", field="artifacts",
                                 fix="check the inputs against the manifest's export.graphs") from None
+        del model
         if len(cache) >= MAX_SHAPES:
             cache.pop(next(iter(cache)))
         cache[key] = (cm, cm.create_infer_request(), {})  # {input name: the array bound to it}
