@@ -322,11 +322,6 @@ def _import_genai():
     return openvino, openvino_genai
 
 
-def _precision_name(value) -> str:
-    s = (value.get_type_name() if hasattr(value, "get_type_name") else str(value)).lower()
-    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(s, s)
-
-
 def _resolved_precision(ov, config: dict) -> str:
     """The inference precision the CPU plugin uses for these properties.
 
@@ -335,6 +330,8 @@ def _resolved_precision(ov, config: dict) -> str:
     resolves the hint the same way for every model (e.g. f16 becomes bf16 on a CPU without native
     f16, and the CPU's default, bf16 where it has AMX or avx512_bf16, applies when none is set)."""
     import numpy as np
+
+    from vpexport.runtime.ov_session import _precision_name
 
     core = ov.Core()
     try:
