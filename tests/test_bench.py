@@ -45,3 +45,25 @@ def test_bench_reports_every_figure(tmp_path):
 def test_bench_bad_options_are_one_line(tmp_path):
     r = cli("bench", tmp_path, "--reps", "0")
     assert r.returncode == 2 and "--reps" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_two_providers_side_by_side(tmp_path):
+    """cpu and openvino in one interleaved run; --precision applies to openvino only."""
+    import pytest
+
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'vpexport[openvino]')")
+    ckpt = build_checkpoint(tmp_path / "mini")
+    ev = make_eval(tmp_path / "data", n=2)
+    rp = write_recipe(tmp_path / "bench_fastv.yaml", ckpt, "fastv", eval_file=ev)
+    art = tmp_path / "art"
+    export_py(rp, art)
+    out = tmp_path / "bench.json"
+    r = cli("bench", art, "--provider", "cpu", "--provider", "openvino", "--precision", "f32", "--no-hf",
+            "--no-memory", "--reps", "2", "--decode-steps", "2", "--json", "--save", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["providers"]) == {"cpu", "openvino"} and res["peers"] == {}
+    assert res["providers"]["openvino"]["precision"] == "f32" and res["providers"]["cpu"]["precision"] == "fp32"
+    assert len(res["raw_ms"]["openvino/pruned"]["ttft"]) == 2
+    best = min(res["providers"], key=lambda p: res["providers"][p]["ttft"]["pruned_ms"])
+    assert res["best"]["provider"] == best

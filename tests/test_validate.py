@@ -92,3 +92,20 @@ def test_validate_table_and_exit_codes(good, tmp_path):
     (art / "onnx" / "prefill.onnx").unlink()
     r = cli("validate", art)
     assert r.returncode == 3 and "missing" in r.stderr
+
+
+def test_validate_openvino_f32_passes_with_full_precision_checks(good):
+    import pytest
+
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'vpexport[openvino]')")
+    r = cli("validate", good, "--provider", "openvino", "--precision", "f32", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout)
+    assert rep["runtime_precision"] == "fp32" and rep["reduced_precision"] is False
+    assert rep["kept_indices_equal"] is True and rep["generation_match_rate"] == 1.0
+    assert all(o["rule"] == "elementwise" for o in rep["outputs"].values())
+
+
+def test_validate_precision_on_a_fixed_precision_provider_is_one_line(good):
+    r = cli("validate", good, "--provider", "cpu", "--precision", "bf16")
+    assert r.returncode == 2 and "--precision" in r.stderr and "Traceback" not in r.stderr

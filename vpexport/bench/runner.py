@@ -283,8 +283,10 @@ def run_bench(
     variants: dict[str, object] = {}
     for p in providers:
         log(f"[bench] opening the artifacts on {p}")
-        variants[f"{p}/pruned"] = _Artifacts(artifact_dir, p, precision, threads)
-        variants[f"{p}/dense"] = _Artifacts(dense_dir, p, precision, threads)
+        # --precision is for the providers that choose one; the others run at the export's.
+        prec = precision if get_provider(p).precisions else "auto"
+        variants[f"{p}/pruned"] = _Artifacts(artifact_dir, p, prec, threads)
+        variants[f"{p}/dense"] = _Artifacts(dense_dir, p, prec, threads)
     skipped = {}
     for p in peers:
         key = PEER_NAMES[p]
@@ -373,8 +375,9 @@ def run_bench(
         base = {"artifact_dir": str(artifact_dir), "threads": threads, "batch": batch, "steps": decode_steps,
                 "precision": precision}
         for p in providers:
+            prec = precision if get_provider(p).precisions else "auto"
             for which, d in (("pruned", artifact_dir), ("dense", dense_dir)):
-                mb = peak_memory_mb("artifacts", {**base, "dir": str(d), "provider": p})
+                mb = peak_memory_mb("artifacts", {**base, "dir": str(d), "provider": p, "precision": prec})
                 result["providers"][p].setdefault("memory", {})[f"{which}_peak_mb"] = round(mb, 1)
         for key in result["peers"]:
             result["peers"][key]["peak_mb"] = round(peak_memory_mb(key, base), 1)

@@ -72,7 +72,8 @@ def get(name: str) -> Provider:
     return PROVIDERS[name]
 
 
-def open_graphs(name: str, artifact_dir: Path, manifest: dict, threads: int | None, precision: str = "auto"):
+def check_precision(name: str, precision: str | None) -> Provider:
+    """The provider, after checking that it accepts `precision` (before anything heavy loads)."""
     from vpexport.errors import UserInputError
 
     p = get(name)
@@ -80,7 +81,11 @@ def open_graphs(name: str, artifact_dir: Path, manifest: dict, threads: int | No
         raise UserInputError(f"--provider {name} runs at the export's precision; --precision {precision} "
                              "applies to providers that choose one", field="--precision",
                              fix=f"drop --precision, or use --provider {_choosers()}")
-    return p.open(Path(artifact_dir), manifest, threads, precision)
+    return p
+
+
+def open_graphs(name: str, artifact_dir: Path, manifest: dict, threads: int | None, precision: str = "auto"):
+    return check_precision(name, precision).open(Path(artifact_dir), manifest, threads, precision)
 
 
 def _choosers() -> str:

@@ -103,7 +103,10 @@ def validate_artifacts(
 ) -> dict:
     import torch
 
+    from vpexport.runtime.providers import check_precision
+
     precision_req = precision
+    check_precision(provider, precision)  # a wrong combination fails before the model loads
 
     from vpexport.data import load_samples
     from vpexport.export.onnx_export import kept_tensors
