@@ -8,15 +8,23 @@ from __future__ import annotations
 import json
 import statistics
 
+import pytest
+
 from tests.artifact_helpers import build_checkpoint, cli, export_py, make_eval, write_recipe
 
 
-def test_bench_reports_every_figure(tmp_path):
-    ckpt = build_checkpoint(tmp_path / "mini")
-    ev = make_eval(tmp_path / "data", n=2)
-    rp = write_recipe(tmp_path / "bench_fastv.yaml", ckpt, "fastv", eval_file=ev)
-    art = tmp_path / "art"
-    export_py(rp, art)
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    """A tiny FastV export with a 2-sample eval split (shared: bench only reads it and caches bench/)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    ckpt = build_checkpoint(tmp / "mini")
+    ev = make_eval(tmp / "data", n=2)
+    rp = write_recipe(tmp / "bench_fastv.yaml", ckpt, "fastv", eval_file=ev)
+    export_py(rp, tmp / "art")
+    return tmp / "art"
+
+
+def test_bench_reports_every_figure(art, tmp_path):
     out = tmp_path / "bench.json"
     r = cli("bench", art, "--reps", "3", "--decode-steps", "2", "--json", "--save", out)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -47,16 +55,9 @@ def test_bench_bad_options_are_one_line(tmp_path):
     assert r.returncode == 2 and "--reps" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bench_two_providers_side_by_side(tmp_path):
+def test_bench_two_providers_side_by_side(art, tmp_path):
     """cpu and openvino in one interleaved run; --precision applies to openvino only."""
-    import pytest
-
     pytest.importorskip("openvino", reason="openvino is not installed (pip install 'vpexport[openvino]')")
-    ckpt = build_checkpoint(tmp_path / "mini")
-    ev = make_eval(tmp_path / "data", n=2)
-    rp = write_recipe(tmp_path / "bench_fastv.yaml", ckpt, "fastv", eval_file=ev)
-    art = tmp_path / "art"
-    export_py(rp, art)
     out = tmp_path / "bench.json"
     r = cli("bench", art, "--provider", "cpu", "--provider", "openvino", "--precision", "f32", "--no-hf",
             "--no-memory", "--reps", "2", "--decode-steps", "2", "--json", "--save", out)
