@@ -54,7 +54,7 @@ def make_eval(path: Path, n: int = 6, seed: int = 0) -> Path:
 
 
 def write_recipe(path: Path, ckpt: Path, method: str, eval_file: Path | None = None, mode: str = "padded",
-                 text_max: int = 16, precision: str = "fp32", samples: int = 6) -> Path:
+                 text_max: int = 16, precision: str = "fp32", samples: int = 6, buckets=None) -> Path:
     pts, sink = POINTS[method]
     data = f"\n  data: {{eval: {eval_file}}}" if eval_file else ""
     sink_line = f"\n  sink_layers: {sink}" if sink else ""
@@ -69,7 +69,7 @@ pruning:
   points: {pts}{sink_line}
 export:
   precision: {precision}
-  text_length: {{mode: {mode}, max: {text_max}}}
+  text_length: {{mode: {mode}, max: {text_max}{f", buckets: {list(buckets)}" if buckets else ""}}}
 validate:
   samples: {samples}
 """)

@@ -333,6 +333,32 @@ def test_text_longer_than_export_max(tmp_path, capsys):
     assert line.startswith("error: task.text_tokens: text_tokens 100 is more than export.text_length.max (64)")
 
 
+@pytest.mark.parametrize(
+    "text_length,msg",
+    [
+        ({"mode": "padded", "max": 48, "buckets": [16]}, "text_length.buckets needs a dynamic text axis"),
+        ({"mode": "dynamic", "max": 48, "buckets": [16, 64]}, "must be lengths between 1 and max (48)"),
+        ({"mode": "dynamic", "max": 48, "buckets": []}, "must be lengths between 1 and max (48)"),
+        ({"mode": "dynamic", "max": 48, "buckets": [32, 16]}, "must be increasing, without repeats"),
+    ],
+)
+def test_text_buckets_checked(tmp_path, capsys, text_length, msg):
+    line = cli_error(capsys, write(tmp_path, patch(export={"text_length": text_length})))
+    assert line.startswith("error: export.text_length.buckets: ") and msg in line
+
+
+def test_text_bucket_widths(tmp_path):
+    from vpexport.runtime.text_length import TextLength, text_length_meta
+
+    r = load_recipe(write(tmp_path, patch(export={"text_length": {"mode": "dynamic", "max": 48, "buckets": [8, 16]}})))
+    meta = text_length_meta(r.export.text_length)
+    assert meta == {"mode": "dynamic", "max": 48, "buckets": [8, 16, 48]}  # max is always the last bucket
+    tl = TextLength.from_generation({"text_length": meta})
+    assert [tl.width(n) for n in (1, 8, 9, 16, 17, 48)] == [8, 8, 16, 16, 48, 48]
+    assert TextLength.from_generation({"text_length": {"mode": "padded", "max": 48}}).width(3) == 48
+    assert TextLength.from_generation({"text_length": {"mode": "dynamic", "max": 48}}).width(3) == 3
+
+
 def test_triton_batch_checks(tmp_path, capsys):
     line = cli_error(capsys, write(tmp_path, patch(deploy={"triton": {"preferred_batch_sizes": [4, 16]}})))
     assert line.startswith("error: deploy.triton.preferred_batch_sizes[1]: 16 is outside 1..max_batch_size (8)")

@@ -220,3 +220,50 @@ def test_exit_3_without_manifest(setup, tmp_path):
         read_manifest(art)
     r = _run(art, tmp_path)
     assert r.returncode == 3 and "manifest.json" in r.stderr
+
+
+# --------------------------------------------------------------------------- text buckets
+@pytest.fixture(scope="module")
+def bucketed(setup, tmp_path_factory):
+    """The same model exported with a dynamic text axis and buckets [6, 9] (max 16 is the last)."""
+    d = tmp_path_factory.mktemp("buckets")
+    rp = write_recipe(d / "buckets.yaml", setup["ckpt"], "himap", eval_file=setup["eval"], mode="dynamic",
+                      buckets=[6, 9])
+    export_py(rp, d / "art")
+    return d / "art"
+
+
+def test_text_buckets_pad_to_the_smallest_bucket(setup, bucketed):
+    from vpexport.runtime import ArtifactRuntime
+
+    rt = ArtifactRuntime.open(bucketed, threads=1)
+    head = rt.prefix + rt.visual
+    widths = set()
+    for q in QUESTIONS:
+        ids, mask, _ = rt.encode(_images(1), [q])
+        n = int(mask[0, head:].sum())
+        widths.add(ids.shape[1] - head)
+        assert ids.shape[1] - head == min(b for b in (6, 9, 16) if b >= n), q
+    assert len(widths) >= 2  # the questions span more than one bucket
+    # a batch runs at the bucket of its longest text; generation equals PyTorch's and the padded export's
+    imgs, qs = _images(3, seed=5), QUESTIONS[:3]
+    ids, mask, px = rt.encode(imgs, qs)
+    ref, _ = setup["pipe"].pruned.generate(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(px), 5, 2)
+    got, _ = rt.generate(ids, mask, px, 5)
+    assert got == ref
+    padded = ArtifactRuntime.open(setup["art"], threads=1)
+    assert [a["tokens"] for a in rt.answer(imgs, qs)] == [a["tokens"] for a in padded.answer(imgs, qs)]
+
+
+def test_text_buckets_compile_one_shape_per_bucket_on_openvino(setup, bucketed):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from vpexport.runtime import ArtifactRuntime
+
+    rt = ArtifactRuntime.open(bucketed, provider="openvino", threads=1, precision="f32")
+    ref = ArtifactRuntime.open(setup["art"], threads=1)
+    head = rt.prefix + rt.visual
+    for q in QUESTIONS:
+        a, b = rt.answer(_images(1, seed=7), [q]), ref.answer(_images(1, seed=7), [q])
+        assert [x["tokens"] for x in a] == [x["tokens"] for x in b], q
+    seqs = {key[0][1] for key in rt.graphs._compiled["prefill"]}  # input_ids (B, L) of every compiled shape
+    assert seqs and {s - head for s in seqs} <= {6, 9, 16}

@@ -314,15 +314,15 @@ def run_bench(
             variants[n].run(requests[r], decode_steps, times[n])
     med = {n: t.medians() for n, t in times.items()}
 
-    # FLOPs of what the graphs execute: in padded mode the text part is always export.text_length.max.
+    # FLOPs of what the graphs execute: the text part at the width the runtime pads it to
+    # (export.text_length.max in padded mode, the bucket that holds it with buckets).
     from dataclasses import replace
 
     arch = recipe.resolve_arch()
     sched = resolve_schedule(recipe, arch, artifact_dir)
     layout = recipe.layout(arch, batch=batch)
     any_rt = variants[f"{providers[0]}/pruned"].rt
-    if any_rt.padded:
-        layout = replace(layout, text=any_rt.text_max)
+    layout = replace(layout, text=any_rt.text_length.width(min(layout.text, any_rt.text_max)))
     flops = prefill_flops(arch, sched, layout)
     kv = kv_cache_bytes(arch, sched, layout, dtype="float32" if recipe.export.precision == "fp32" else "float16")
     flops_ratio = round(flops["ratio"], 4)

@@ -107,6 +107,7 @@ def build_plan(recipe_path: str, batch: int = 1) -> dict:
             "text_source": "task.text_tokens (estimate)" if r.model.arch else "tokenizer",
             "text_mode": r.export.text_length.mode,
             "text_max": r.export.text_length.max,
+            "text_buckets": r.export.text_length.widths(),
         },
         "schedule": shown.to_dict() | {"origin": origin},
         "calibration": calib,
@@ -140,7 +141,8 @@ def render(p: dict) -> str:
         f"heads {t['heads']}/{t['kv_heads']} kv, vocab {t['vocab']}; vision {v['layers']} layers "
         f"({v['image_size']}px/{v['patch_size']}), {a['visual_tokens']} visual tokens",
         f"layout   prefix {lay['prefix']} + visual {lay['visual']} + text {lay['text']} = {lay['total']} tokens, "
-        f"batch {lay['batch']} (text from {lay['text_source']}; export {lay['text_mode']}, max {lay['text_max']})",
+        f"batch {lay['batch']} (text from {lay['text_source']}; export {lay['text_mode']}, max {lay['text_max']}"
+        + (f", buckets {lay['text_buckets']})" if lay.get("text_buckets") else ")"),
     ]
     pts = ", ".join(f"layer {q['layer']} keep {q['keep']} ({q['rule']})" for q in sch["points"]) or "no prune points"
     sink = f", sink_layers {sch['sink_layers']}" if sch["sink_layers"] else ""

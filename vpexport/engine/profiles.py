@@ -4,7 +4,8 @@ The exporter (vpexport/export/onnx_export.py) names its dynamic axes:
 
   every graph   axis 0 `batch`                          -> 1 .. batch_max
   prefill       input_ids / attention_mask axis 1 `sequence` (text mode dynamic only):
-                L = prefix + visual + T, T in 1 .. text_length.max
+                L = prefix + visual + T, T in 1 .. text_length.max (with buckets: T from the
+                smallest bucket, opt at the smallest bucket)
   decode        text_mask axis 1 `text_total`: the caches' text slots C = T + steps, steps =
                 max_new_tokens - 1 for a request (one step of headroom is added)
                 past.{i}.key / value axis 2 `past_len.{i}`: kv_static_len[i] + C
@@ -33,6 +34,7 @@ class LengthSpec:
     text_max: int
     max_new_tokens: int
     kv_static_len: tuple[int, ...]  # per decoder layer: prefix + visual tokens kept at that layer
+    text_buckets: tuple[int, ...] | None = None  # the text widths the runtime pads to (dynamic mode)
 
     @classmethod
     def from_generation(cls, gen: dict, where: str = "runtime/generation.json") -> "LengthSpec":
@@ -44,6 +46,7 @@ class LengthSpec:
                 visual=int(gen["visual_tokens"]),
                 text_mode=str(tl["mode"]),
                 text_max=int(tl["max"]),
+                text_buckets=tuple(int(b) for b in tl["buckets"]) if tl.get("buckets") else None,
                 max_new_tokens=int(gen["max_new_tokens"]),
                 kv_static_len=tuple(int(x) for x in gen["kv_static_len"]),
             )
@@ -67,6 +70,8 @@ class LengthSpec:
         """Tokens after the image (T)."""
         if self.text_mode == "padded":
             return (self.text_max,) * 3
+        if self.text_buckets:  # requests run at a bucket: tune for the smallest (short questions)
+            return (self.text_buckets[0], self.text_buckets[0], self.text_max)
         return (1, max(1, (self.text_max + 1) // 2), self.text_max)
 
     def sequence(self) -> Range:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from vpexport.errors import ArtifactError, UserInputError
+from vpexport.runtime.text_length import text_length_meta
 
 TWO_GB = 2**31 - 1
 STALE_SECTIONS = ("validation", "engine", "package", "build", "bench")
@@ -440,7 +441,7 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
             "pad_token_id": pad_id,
             "bos_token_id": tok.bos_token_id,
             "max_new_tokens": recipe.task.max_new_tokens,
-            "text_length": {"mode": ex.text_length.mode, "max": T},
+            "text_length": text_length_meta(ex.text_length),
             "batch_max": ex.batch.max,
             "num_layers": L,
             "num_heads": pm.num_heads,
@@ -488,7 +489,7 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
         "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
         "opset": ex.opset,
         "precision": precision,
-        "text_length": {"mode": ex.text_length.mode, "max": T},
+        "text_length": text_length_meta(ex.text_length),
         "batch": {"max": ex.batch.max, "axis": "dynamic"},
         "trace_input": "synthetic (random token ids and pixels; eval samples are not used to trace)",
         "prefix": p,

@@ -232,8 +232,35 @@ class PruningSection(Strict):
 
 # --------------------------------------------------------------------------- export / engine / validate / deploy
 class TextLengthSection(Strict):
+    """Tokens after the image (instruction + answer prefix). `padded`: a static axis of `max`;
+    `dynamic`: a dynamic axis, run at each batch's longest text, or, with `buckets`, padded up to
+    the smallest bucket that holds it (a few static shapes for runtimes that compile per shape)."""
+
     mode: Literal["padded", "dynamic"] = "padded"
-    max: int = Field(64, ge=1)  # tokens after the image (instruction + answer prefix), padded to this in padded mode
+    max: int = Field(64, ge=1)
+    buckets: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _check_buckets(self):
+        if self.buckets is None:
+            return self
+        if self.mode != "dynamic":
+            raise recipe_error("text_length.buckets needs a dynamic text axis", sub="buckets",
+                               fix="set export.text_length.mode: dynamic, or remove buckets")
+        bad = [b for b in self.buckets if not 1 <= b <= self.max]
+        if bad or not self.buckets:
+            raise recipe_error(f"text_length.buckets {self.buckets} must be lengths between 1 and max ({self.max})",
+                               sub="buckets", fix=f"e.g. buckets: [16, 32] with max: {self.max}")
+        if self.buckets != sorted(set(self.buckets)):
+            raise recipe_error(f"text_length.buckets {self.buckets} must be increasing, without repeats",
+                               sub="buckets", fix=f"e.g. buckets: {sorted(set(self.buckets))}")
+        return self
+
+    def widths(self) -> list[int] | None:
+        """The text lengths the graphs run at with buckets (`max` always last); None without."""
+        if self.buckets is None:
+            return None
+        return self.buckets + ([self.max] if self.buckets[-1] != self.max else [])
 
 
 class BatchSection(Strict):

@@ -16,6 +16,7 @@ import numpy as np
 
 from vpexport.errors import ArtifactError, UserInputError
 from vpexport.runtime.kv_cache import KVCache
+from vpexport.runtime.text_length import TextLength
 
 
 @dataclass
@@ -64,8 +65,9 @@ class ArtifactRuntime:
         self.prefix, self.visual = int(g["prefix"]), int(g["visual_tokens"])
         self.num_layers = int(g["num_layers"])
         self.eos = g.get("eos_token_id")
-        self.padded = g["text_length"]["mode"] == "padded"
-        self.text_max = int(g["text_length"]["max"])
+        self.text_length = TextLength.from_generation(g)
+        self.padded = self.text_length.mode == "padded"
+        self.text_max = self.text_length.max
         self.max_new_tokens = int(g["max_new_tokens"])
 
     @classmethod
@@ -134,8 +136,7 @@ class ArtifactRuntime:
         if len(images) != len(questions):
             raise UserInputError(f"{len(questions)} questions for {len(images)} images", field="--prompt",
                                  fix="give one question per image")
-        ids, mask = self.tokenizer.encode(list(questions), pad_to_text=self.text_max if self.padded else None,
-                                          max_text=self.text_max)
+        ids, mask = self.tokenizer.encode(list(questions), pad_to_text=self.text_length.width, max_text=self.text_max)
         return ids, mask, self.preprocess(images)
 
     def answer(self, images, questions, max_new_tokens: int | None = None) -> list[dict]:

@@ -38,6 +38,8 @@ class PromptTokenizer:
         self.prefix, self.visual = int(gen["prefix"]), int(gen["visual_tokens"])
         self.image_token_id = int(gen["image_token_id"])
         self.pad_id = int(gen["pad_token_id"])
+        added = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
+        self._image_is_added_token = added.get(IMAGE_PLACEHOLDER) == self.image_token_id
 
     def render(self, question: str) -> str:
         if IMAGE_PLACEHOLDER in question:
@@ -49,9 +51,18 @@ class PromptTokenizer:
         return self.template.replace("{question}", question)
 
     def encode_one(self, question: str) -> list[int]:
-        text = self.render(question).replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * self.visual)
-        ids = self.tok.encode(text, add_special_tokens=True).ids
         p, n = self.prefix, self.visual
+        text = self.render(question)
+        if self._image_is_added_token and text.count(IMAGE_PLACEHOLDER) == 1:
+            # The tokenizer splits added tokens out before anything else, so one placeholder
+            # tokenizes its neighbours exactly as n of them do; expanding the id afterwards skips
+            # tokenizing n placeholders (~1.3 ms of the LLaVA-1.5 prompt's ~1.6 ms).
+            ids = self.tok.encode(text, add_special_tokens=True).ids
+            if ids.count(self.image_token_id) == 1:
+                at = ids.index(self.image_token_id)
+                ids = ids[:at] + [self.image_token_id] * n + ids[at + 1 :]
+        else:
+            ids = self.tok.encode(text.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * n), add_special_tokens=True).ids
         if ids[p : p + n] != [self.image_token_id] * n or ids.count(self.image_token_id) != n:
             raise UserInputError(
                 f"image tokens are not at positions [{p}, {p + n}) of the prompt",
@@ -60,8 +71,10 @@ class PromptTokenizer:
             )
         return ids
 
-    def encode(self, questions: list[str], pad_to_text: int | None = None, max_text: int | None = None):
-        """(input_ids, attention_mask) int64, right-padded to prefix + visual + pad_to_text (or the longest)."""
+    def encode(self, questions: list[str], pad_to_text=None, max_text: int | None = None):
+        """(input_ids, attention_mask) int64, right-padded to prefix + visual + the text width:
+        `pad_to_text` (an int, or a callable from the longest text length to the width, e.g.
+        `TextLength.width`), or the longest text when None."""
         rows = [self.encode_one(q) for q in questions]
         head = self.prefix + self.visual
         longest = max(len(r) - head for r in rows)
@@ -71,6 +84,8 @@ class PromptTokenizer:
                 field="--prompt",
                 fix=f"shorten the question, or re-export with export.text_length.max >= {longest}",
             )
+        if callable(pad_to_text):
+            pad_to_text = pad_to_text(longest)
         width = head + (pad_to_text if pad_to_text is not None else longest)
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
