@@ -404,7 +404,7 @@ def test_resolved_round_trip(tmp_path, monkeypatch):
     assert res["name"] == "orig"
     assert res["model"]["path"] == str((tmp_path / "m").resolve())
     assert res["pruning"]["points"][0] == {"layer": 2, "keep": 288, "keep_fraction": None}
-    assert res["export"]["text_length"] == {"mode": "padded", "max": 64} and "validate" in res
+    assert res["export"]["text_length"] == {"mode": "padded", "max": 64, "buckets": None} and "validate" in res
     out = save_resolved(r, tmp_path / "art")
     monkeypatch.delenv("VPX_TEST_MODEL")
     again = load_recipe(out)
