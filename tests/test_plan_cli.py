@@ -183,3 +183,22 @@ def test_plan_dynamic_text_shapes(tmp_path, capsys):
     p.write_text(yaml.safe_dump(d))
     segs = plan_json(capsys, p)["segments"]
     assert [s["hidden_shape"] for s in segs] == [[1, "611+T", 4096], [1, "323+T", 4096]]
+
+
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["bench", ".", "--reps", "0"], "--reps"),
+        (["bench", ".", "--decode-steps", "-1"], "--decode-steps"),
+        (["bench", ".", "--threads", "0"], "--threads"),
+        (["eval", str(HIMAP), "--limit", "0"], "--limit"),
+        (["validate", ".", "--samples", "-3"], "--samples"),
+        (["package", ".", "--max-batch-size", "0"], "--max-batch-size"),
+    ],
+)
+def test_counts_out_of_range_exit_2_before_any_work(capsys, argv, option):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert f"Invalid value for '{option}'" in err and "is not in the range" in err and out == ""

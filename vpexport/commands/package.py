@@ -15,11 +15,11 @@ import click
 @click.option("--mode", type=click.Choice(["inprocess", "bls"]), default=None,
               help="Python model: run the graphs in-process or through BLS requests (default: the recipe's deploy.triton.mode).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None, help="Instance kind (default: the recipe's).")
-@click.option("--max-batch-size", type=int, default=None, help="Override deploy.triton.max_batch_size.")
-@click.option("--instances", type=int, default=None, help="Override deploy.triton.instances.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=None, help="Override deploy.triton.max_batch_size.")
+@click.option("--instances", type=click.IntRange(min=1), default=None, help="Override deploy.triton.instances.")
 @click.option("--recipe", "recipe_path", type=click.Path(), default=None,
               help="Take deploy.triton from this recipe instead of the one recorded in the artifacts.")
-@click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime threads per python-model instance (0: ORT default).")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="ONNX Runtime threads per python-model instance (0: ORT default).")
 @click.option("--provider", type=click.Choice(["cpu", "openvino"]), default=None,
               help="Runtime inside the python model on CPU instances, inprocess mode (default: cpu = ONNX Runtime).")
 @click.option("--precision", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,

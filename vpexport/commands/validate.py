@@ -11,7 +11,7 @@ from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICE
 
 @click.command("validate")
 @click.argument("artifact_dir", type=click.Path())
-@click.option("--samples", type=int, default=None, help="Eval samples to compare (default validation.samples).")
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Eval samples to compare (default validation.samples).")
 @click.option("--provider", type=click.Choice(PROVIDER_NAMES), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
               help="Inference precision for --provider openvino; below the export's precision the recipe's "
