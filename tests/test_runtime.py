@@ -176,6 +176,11 @@ def test_exit_2_on_bad_image(setup, tmp_path):
     r = _run(setup["art"], tmp_path, bad)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "not a readable image" in r.stderr
+    folder = tmp_path / "images"
+    folder.mkdir()
+    r = _run(setup["art"], tmp_path, folder)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "is a directory" in r.stderr
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "missing", "missing_tokenizer"])

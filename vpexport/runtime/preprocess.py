@@ -20,6 +20,8 @@ def load_image(path, field: str = "--image"):
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"image {path} is a directory", field=field, fix="give a path to a PNG/JPEG file in it")
     if not path.is_file():
         raise UserInputError(f"image {path} does not exist", field=field, fix="give a path to a PNG/JPEG image")
     try:
