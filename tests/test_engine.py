@@ -388,8 +388,20 @@ def test_length_spec_from_generation():
     assert s.past_len(1) == (KV_STATIC[1] + T + 1, KV_STATIC[1] + T + 1, KV_STATIC[1] + T + 3)
     with pytest.raises(ArtifactError):
         s.past_len(2)
-    with pytest.raises(ArtifactError, match="lacks the shape information"):
+    with pytest.raises(ArtifactError, match="text_length is incomplete"):
         LengthSpec.from_generation({"prefix": 1})
+    with pytest.raises(ArtifactError, match="lacks the shape information"):
+        LengthSpec.from_generation({"prefix": 1, "text_length": {"mode": "padded", "max": 4}})
+    with pytest.raises(ArtifactError, match="unknown text_length.mode 'ragged'"):
+        LengthSpec.from_generation(dict(GEN, text_length={"mode": "ragged", "max": 4}))
+
+
+def test_length_spec_with_text_buckets():
+    s = LengthSpec.from_generation(dict(GEN, text_length={"mode": "dynamic", "max": 16, "buckets": [4, 8, 16]}))
+    assert s.text() == (4, 4, 16)  # from the smallest bucket, tuned for it
+    assert s.sequence() == (PREFIX + VISUAL + 4, PREFIX + VISUAL + 4, PREFIX + VISUAL + 16)
+    with pytest.raises(ArtifactError, match="not an increasing list ending at max 16"):
+        LengthSpec.from_generation(dict(GEN, text_length={"mode": "dynamic", "max": 16, "buckets": [8, 4]}))
 
 
 @pytest.mark.parametrize("batch_max,opt", [(1, 1), (2, 1), (6, 3), (8, 4), (16, 8)])

@@ -38,15 +38,17 @@ class LengthSpec:
 
     @classmethod
     def from_generation(cls, gen: dict, where: str = "runtime/generation.json") -> "LengthSpec":
+        from vpexport.runtime.text_length import TextLength
+
+        tl = TextLength.from_generation(gen, where)  # the one reader of text_length (mode, max, buckets)
         try:
-            tl = gen["text_length"]
             spec = cls(
                 batch_max=int(gen["batch_max"]),
                 prefix=int(gen["prefix"]),
                 visual=int(gen["visual_tokens"]),
-                text_mode=str(tl["mode"]),
-                text_max=int(tl["max"]),
-                text_buckets=tuple(int(b) for b in tl["buckets"]) if tl.get("buckets") else None,
+                text_mode=tl.mode,
+                text_max=tl.max,
+                text_buckets=tl.buckets,
                 max_new_tokens=int(gen["max_new_tokens"]),
                 kv_static_len=tuple(int(x) for x in gen["kv_static_len"]),
             )
@@ -56,8 +58,6 @@ class LengthSpec:
                 field="artifacts",
                 fix="re-run `vpexport export RECIPE`",
             ) from None
-        if spec.text_mode not in ("padded", "dynamic"):
-            raise ArtifactError(f"{where}: unknown text_length.mode {spec.text_mode!r}", field="artifacts", fix="re-run `vpexport export RECIPE`")
         if min(spec.batch_max, spec.text_max, spec.max_new_tokens) < 1:
             raise ArtifactError(f"{where}: batch_max, text_length.max and max_new_tokens must be >= 1", field="artifacts", fix="re-run `vpexport export RECIPE`")
         return spec
