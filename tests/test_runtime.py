@@ -215,6 +215,21 @@ def test_exit_3_on_corrupt_onnx_with_rehashed_manifest(setup, tmp_path):
     assert r.returncode == 3 and "cannot load" in r.stderr
 
 
+@pytest.mark.parametrize("key", ["num_layers", "max_new_tokens", "text_length"])
+def test_exit_3_on_generation_json_missing_a_key(setup, tmp_path, key):
+    from vpexport.manifest import update_manifest
+
+    art = _copy(setup, tmp_path)
+    f = art / "runtime" / "generation.json"
+    gen = json.loads(f.read_text())
+    del gen[key]
+    f.write_text(json.dumps(gen))
+    update_manifest(art, None, None, files=["runtime/generation.json"])  # rehashed: only the content is wrong
+    r = _run(art, tmp_path)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "generation.json" in r.stderr and "incomplete" in r.stderr
+
+
 def test_exit_3_without_manifest(setup, tmp_path):
     from vpexport.errors import ArtifactError
     from vpexport.manifest import read_manifest

@@ -62,13 +62,17 @@ class ArtifactRuntime:
             raise ArtifactError(f"{self.dir}/onnx/decode.onnx returns whole caches (an older export); this runtime "
                                 "needs the fixed-capacity decode graph", field="artifacts", fix="re-run `vpexport export`")
         g = self.gen
-        self.prefix, self.visual = int(g["prefix"]), int(g["visual_tokens"])
-        self.num_layers = int(g["num_layers"])
+        try:
+            self.prefix, self.visual = int(g["prefix"]), int(g["visual_tokens"])
+            self.num_layers = int(g["num_layers"])
+            self.max_new_tokens = int(g["max_new_tokens"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{rt / 'generation.json'} is incomplete ({type(e).__name__}: {e})", field="artifacts",
+                                fix="re-run `vpexport export`") from None
         self.eos = g.get("eos_token_id")
-        self.text_length = TextLength.from_generation(g)
+        self.text_length = TextLength.from_generation(g, str(rt / "generation.json"))
         self.padded = self.text_length.mode == "padded"
         self.text_max = self.text_length.max
-        self.max_new_tokens = int(g["max_new_tokens"])
 
     @classmethod
     def open(cls, artifact_dir, provider: str = "cpu", threads: int | None = None, verify: bool = True,
