@@ -553,3 +553,17 @@ def test_resumed_prefill_equals_prefill(mini_recipe, share):
         assert rc.segment_state(0, b2) is seg  # recorded once per first point
         rc.segment_state(0, METHODS["himap"].schedule([(2, 72), (4, 18)], seed=3))
         assert rc.segment_state(0, a) is not seg  # only the latest first point is kept
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"schedule": {"points": []}}', '{"other": 1}'])
+def test_unreadable_schedule_json_is_an_artifact_error(tmp_path, content):
+    from vpexport.errors import ArtifactError
+    from vpexport.paths import resolve_schedule
+    from vpexport.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mini_vqa.yaml")
+    assert recipe.schedule() is None  # calibrated: the schedule comes from the artifact folder
+    (tmp_path / "schedule.json").write_text(content)
+    with pytest.raises(ArtifactError) as e:
+        resolve_schedule(recipe, None, tmp_path)
+    assert e.value.field == "schedule.json" and "not a readable calibrated schedule" in str(e.value) and e.value.fix

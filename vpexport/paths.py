@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vpexport.errors import RecipeError
+from vpexport.errors import ArtifactError, RecipeError
 from vpexport.pruning.schedule import Schedule
 
 ARTIFACTS = Path("artifacts")
@@ -28,7 +28,12 @@ def resolve_schedule(recipe, arch=None, out: str | Path | None = None) -> Schedu
             field="pruning.calibrate",
             fix=f"run `vpexport calibrate {recipe.source or 'RECIPE'}` first (or `vpexport build`)",
         )
-    sched = Schedule.from_dict(json.loads(f.read_text())["schedule"])
+    try:
+        sched = Schedule.from_dict(json.loads(f.read_text())["schedule"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"{f} is not a readable calibrated schedule ({type(e).__name__}: {str(e)[:120]})",
+                            field=SCHEDULE_FILE,
+                            fix=f"re-run `vpexport calibrate {recipe.source or 'RECIPE'}` (or delete it and `vpexport build`)") from None
     if arch is not None:
         sched.check(arch.text.layers, arch.visual_tokens, where=str(f))
     return sched
