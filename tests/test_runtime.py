@@ -287,3 +287,19 @@ def test_text_buckets_compile_one_shape_per_bucket_on_openvino(setup, bucketed):
         assert [x["tokens"] for x in a] == [x["tokens"] for x in b], q
     seqs = {key[0][1] for key in rt.graphs._compiled["prefill"]}  # input_ids (B, L) of every compiled shape
     assert seqs and {s - head for s in seqs} <= {6, 9, 16}
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda m: m.update(format=99), "has format 99; this vpexport reads format 1"),
+    (lambda m: m.pop("format"), "has format None"),
+    (lambda m: m["files"].update({"onnx/vision.onnx": "abc"}), "files['onnx/vision.onnx'] is not a {size, sha256} entry"),
+])
+def test_exit_3_on_manifest_of_unknown_format_or_bad_file_entry(setup, tmp_path, edit, msg):
+    art = _copy(setup, tmp_path)
+    f = art / "manifest.json"
+    m = json.loads(f.read_text())
+    edit(m)
+    f.write_text(json.dumps(m))
+    r = _run(art, tmp_path)
+    assert r.returncode == 3 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
+    assert json.loads(f.read_text()) == m  # refused, not rewritten

@@ -71,6 +71,14 @@ def _load_raw(directory: Path) -> dict:
         raise ArtifactError(f"{f} is not valid JSON ({type(e).__name__})", field="artifacts", fix="re-run `vpexport export`") from None
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         raise ArtifactError(f"{f} has no 'files' table", field="artifacts", fix="re-run `vpexport export`")
+    if data.get("format") != FORMAT:
+        # Refused rather than read (and re-stamped) as if it were ours: its fields may mean something else.
+        raise ArtifactError(f"{f} has format {data.get('format')!r}; this vpexport reads format {FORMAT}",
+                            field="artifacts", fix="re-export with this vpexport, or use the vpexport that wrote it")
+    for rel, info in data["files"].items():
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)):
+            raise ArtifactError(f"{f}: files[{rel!r}] is not a {{size, sha256}} entry", field="artifacts",
+                                fix="re-run `vpexport export`")
     return data
 
 

@@ -324,7 +324,7 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
     """Export into `out_dir` (the artifact folder). Returns a summary dict (paths, sizes, shapes)."""
     import torch
 
-    from vpexport.manifest import MANIFEST, _load_raw, _write_json_atomic, update_manifest
+    from vpexport.manifest import FORMAT, MANIFEST, _load_raw, _write_json_atomic, update_manifest
     from vpexport.model.pipeline import TorchPipeline
     from vpexport.recipe import save_resolved
 
@@ -482,7 +482,7 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
         except ArtifactError:
             old = {}
         keep = {k: v for k, v in old.items() if k not in STALE_SECTIONS and k not in ("files", "packages", "export")}
-        keep["files"] = {}
+        keep["format"], keep["files"] = FORMAT, {}
         _write_json_atomic(out_dir / MANIFEST, keep)
     graphs = {g: graph_io(out_dir / "onnx" / f"{g}.onnx") for g in ("vision", "prefill", "decode")}
     section = {
