@@ -178,3 +178,20 @@ def test_causal_row_blocks_match_full_attention(method, monkeypatch):
         with torch.no_grad():
             ref = _hf_last_logits(model, ids, mask, px)
         assert (blocked.logits - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rope_rows_are_the_per_call_rotary_embedding(family):
+    """The prefill/decode graphs look RoPE up in a per-position table; its rows must be exactly what
+    the model's rotary embedding computes for those positions (at any position, pruned or not)."""
+    from vpexport.model.pruned import rope_tables
+
+    model = tiny_llava(family)
+    pm = PrunedLlava(model, Schedule("none"), prefix=3)
+    assert pm.max_positions == model.config.text_config.max_position_embeddings
+    h = torch.randn(2, 7, model.config.text_config.hidden_size)
+    pos = torch.randint(0, pm.max_positions, (2, 7))
+    got = pm.rope(h, pos)
+    want = rope_tables(*pm.rotary_emb(h, pos), pm.head_dim)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and torch.equal(g, w)

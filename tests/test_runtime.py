@@ -289,6 +289,38 @@ def test_text_buckets_compile_one_shape_per_bucket_on_openvino(setup, bucketed):
     assert seqs and {s - head for s in seqs} <= {6, 9, 16}
 
 
+def test_openvino_bf16_keeps_the_caches_in_bf16_and_takes_f32_caches_too(setup):
+    ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from vpexport.runtime import ArtifactRuntime
+    from vpexport.runtime.kv_cache import KVCache
+    from vpexport.runtime.ov_session import cpu_precisions
+
+    if "bf16" not in cpu_precisions(ov.Core()):
+        pytest.skip("this CPU has no native bf16 inference")
+    rt = ArtifactRuntime.open(setup["art"], provider="openvino", threads=1, precision="bf16")
+    assert rt.precision == "bf16" and rt.kv_dtype.name == "bfloat16"
+    ids, mask, px = rt.encode(_images(2), QUESTIONS[:2])
+    out = rt.prefill(ids, mask, rt.encode_image(px))
+    assert {k.dtype.name for kv in out.kv for k in kv} == {"bfloat16"} and out.logits.dtype == np.float32
+    cache = rt.start_cache(out, mask, 2)
+    assert {b.dtype.name for kv in cache.buffers for b in kv} == {"bfloat16"}
+    # The same caches handed in as f32 (validation feeds PyTorch's) are converted on the way in:
+    # the step reads the same numbers, so it returns the same logits and the same new key/value.
+    f32 = KVCache([[k.astype(np.float32), v.astype(np.float32)] for k, v in out.kv], mask[:, rt.prefix + rt.visual :], 2,
+                  dtype=np.float32)
+    nxt = out.logits.argmax(-1).astype(np.int64)[:, None]
+    pos = (rt.prefix + rt.visual + out.text_len).astype(np.int64)[:, None]
+    a = rt.decode(nxt, pos, cache)
+    b = rt.decode(nxt, pos, f32)
+    np.testing.assert_array_equal(a, b)
+    for (ka, va), (kb, vb) in zip(cache.views(), f32.views()):
+        np.testing.assert_array_equal(ka[:, :, -1:].astype(np.float32), kb[:, :, -1:])
+        np.testing.assert_array_equal(va[:, :, -1:].astype(np.float32), vb[:, :, -1:])
+    # A second step on the f32 caches, written in place since: converted again, not the stale copy.
+    a2, b2 = rt.decode(nxt, pos + 1, cache), rt.decode(nxt, pos + 1, f32)
+    np.testing.assert_array_equal(a2, b2)
+
+
 @pytest.mark.parametrize("edit,msg", [
     (lambda m: m.update(format=99), "has format 99; this vpexport reads format 1"),
     (lambda m: m.pop("format"), "has format None"),

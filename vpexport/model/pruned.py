@@ -126,6 +126,11 @@ class PrunedLlava(nn.Module):
         self.num_layers = len(self.layers)
         self.image_token_id = ad.image_token_id
         self.sliding_window = ad.sliding_window()
+        # A rope whose frequencies depend on the sequence length ("dynamic", "longrope") is
+        # computed per call; every other kind is a fixed function of the position (see `rope`).
+        fixed_rope = getattr(self.rotary_emb, "rope_type", "default") not in ("dynamic", "longrope")
+        self.max_positions = (int(getattr(tc, "max_position_embeddings", 0) or 0) or None) if fixed_rope else None
+        self._rope_cache: dict = {}
 
         vfl = ad.vision_feature_layer()
         n_vis_layers = len(self.vision.encoder.layers)
@@ -164,8 +169,25 @@ class PrunedLlava(nn.Module):
 
     # ------------------------------------------------------------------ decoder pieces
     def rope(self, h: torch.Tensor, pos: torch.Tensor):
-        """RoPE tables for a segment's original positions (see `rope_tables`)."""
-        return rope_tables(*self.rotary_emb(h, pos), self.head_dim)
+        """RoPE tables for a segment's original positions (see `rope_tables`): rows of a (cos, sin)
+        table over every position, computed once in f32 by the model's own rotary embedding.
+
+        Looked up rather than computed from `pos` in the graph: at reduced precision a runtime
+        evaluates position x frequency in bf16/fp16 where it cannot fold it (after a prune point the
+        positions come from TopK), and an angle of ~600 rad in bf16 is off by whole radians (OpenVINO
+        at bf16: relative L2 error ~0.2 in every key after the first prune point). The rows are the
+        same numbers the per-call computation gives (one product per element, then cos/sin in f32).
+        """
+        if self.max_positions is None:
+            return rope_tables(*self.rotary_emb(h, pos), self.head_dim)
+        key = (h.device, h.dtype)
+        if key not in self._rope_cache:
+            probe = torch.zeros(1, 1, self.head_dim, device=h.device, dtype=torch.float32)
+            every = torch.arange(self.max_positions, device=h.device)[None]
+            cos, sin = self.rotary_emb(probe, every)
+            self._rope_cache[key] = (cos[0].to(h.dtype), sin[0].to(h.dtype))
+        cos, sin = self._rope_cache[key]
+        return rope_tables(cos[pos], sin[pos], self.head_dim)
 
     def _qkv(self, i: int, x: torch.Tensor, cos, sin):
         """`cos`, `sin`: the segment's tables from `rope`."""
@@ -245,7 +267,10 @@ class PrunedLlava(nn.Module):
     def merge_embeddings(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         p, n = self.prefix, self.visual_tokens
         emb = self.embed_tokens(input_ids)
-        return torch.cat([emb[:, :p], image_features.to(emb.dtype), emb[:, p + n :]], dim=1)
+        seq = input_ids.shape[1]
+        img = nn.functional.pad(image_features.to(emb.dtype), (0, 0, p, seq - p - n))
+        pos = torch.arange(seq, device=emb.device)
+        return torch.where(((pos >= p) & (pos < p + n))[None, :, None], img, emb)
 
     def check_inputs(self, input_ids: torch.Tensor) -> None:
         """Eager-only check that the image tokens sit at the static span this model was built for."""
@@ -360,10 +385,13 @@ class PrunedLlava(nn.Module):
         else:
             sel = torch.topk(st.score, point.keep, dim=-1).indices.sort(dim=-1).values
 
+        dev = st.h.device
+        full = torch.cat([torch.arange(p, device=dev)[None].expand(b, p), sel + p,
+                          torch.arange(p + n, st.h.shape[1], device=dev)[None].expand(b, st.h.shape[1] - p - n)], dim=1)
+
         def take(t):
-            span = t[:, p : p + n]
-            idx = sel if t.dim() == 2 else sel[:, :, None].expand(b, point.keep, t.shape[-1])
-            return torch.cat([t[:, :p], torch.gather(span, 1, idx), t[:, p + n :]], dim=1)
+            idx = full if t.dim() == 2 else full[:, :, None].expand(b, full.shape[1], t.shape[-1])
+            return torch.gather(t, 1, idx)
 
         return replace(st, h=take(st.h), pos=take(st.pos), key_valid=take(st.key_valid),
                        vis_orig=torch.gather(st.vis_orig, 1, sel), n=point.keep, score=None)

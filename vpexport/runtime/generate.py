@@ -58,6 +58,9 @@ class ArtifactRuntime:
         self.graphs = graphs if graphs is not None else open_graphs(provider, self.dir, self.manifest, threads, precision)
         # The precision the graphs actually run at (OpenVINO reads it back from the compiled model).
         self.precision = getattr(self.graphs, "precision", None) or self.gen.get("precision", "fp32")
+        # The element type of the decode graph's cache inputs where the provider sets one (OpenVINO
+        # at bf16); None: whatever the prefill returns.
+        self.kv_dtype = getattr(self.graphs, "kv_dtype", None)
         if "new.0.key" not in self.graphs.outputs.get("decode", ["new.0.key"]):
             raise ArtifactError(f"{self.dir}/onnx/decode.onnx returns whole caches (an older export); this runtime "
                                 "needs the fixed-capacity decode graph", field="artifacts", fix="re-run `vpexport export`")
@@ -93,7 +96,8 @@ class ArtifactRuntime:
 
     def start_cache(self, out: PrefillResult, attention_mask, steps: int) -> KVCache:
         """Caches with room for `steps` decode steps, filled with the prefill's keys/values."""
-        return KVCache(out.kv, np.asarray(attention_mask)[:, self.prefix + self.visual :].astype(np.int64), steps)
+        return KVCache(out.kv, np.asarray(attention_mask)[:, self.prefix + self.visual :].astype(np.int64), steps,
+                       dtype=self.kv_dtype)
 
     def decode(self, input_ids, position_ids, cache: KVCache):
         """One greedy step: logits (B, V); the step's key/value are written into `cache`."""

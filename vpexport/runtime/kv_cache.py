@@ -18,9 +18,11 @@ import numpy as np
 
 
 class KVCache:
-    def __init__(self, prefill_kv: list, text_mask: np.ndarray, steps: int):
+    def __init__(self, prefill_kv: list, text_mask: np.ndarray, steps: int, dtype=None):
         """`prefill_kv`: per layer [key, value] (B, KV, static_l + T, hd) from the prefill graph;
-        `text_mask` (B, T) the prompt's text attention mask; `steps` >= 0 decode steps of room."""
+        `text_mask` (B, T) the prompt's text attention mask; `steps` >= 0 decode steps of room;
+        `dtype`: the buffers' element type (default the prefill's; the decode graph's cache inputs,
+        e.g. bf16 on OpenVINO, when caches from elsewhere are fed to it)."""
         b, t = text_mask.shape
         self.capacity = t + max(0, int(steps))
         self.used = t  # filled text slots (the same for every row: the batch steps together)
@@ -31,7 +33,7 @@ class KVCache:
         for k, v in prefill_kv:
             start = k.shape[2] - t
             shape = (*k.shape[:2], start + self.capacity, k.shape[3])
-            kb, vb = np.empty(shape, dtype=k.dtype), np.empty(shape, dtype=v.dtype)
+            kb, vb = np.empty(shape, dtype=dtype or k.dtype), np.empty(shape, dtype=dtype or v.dtype)
             kb[:, :, : k.shape[2]], vb[:, :, : v.shape[2]] = k, v
             # Unwritten slots are masked out, but must hold finite numbers: 0 * NaN from
             # uninitialised memory would still poison the probability-weighted sum of values.

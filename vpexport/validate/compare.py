@@ -211,7 +211,7 @@ def validate_artifacts(
             dl, dkv = pm.decode(nxt, pos, text_mask, ref.kv)
         from vpexport.runtime.kv_cache import KVCache
 
-        cache = KVCache([[k.numpy(), v.numpy()] for k, v in ref.kv], mask[:, p + n :], steps=1)
+        cache = KVCache([[k.numpy(), v.numpy()] for k, v in ref.kv], mask[:, p + n :], steps=1, dtype=rt.kv_dtype)
         ol = rt.decode(nxt.numpy(), pos.numpy().astype(np.int64), cache)
         stat("decode.logits").add(ol, dl.numpy())
         for i, kv_i in enumerate(cache.views()):
