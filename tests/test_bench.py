@@ -68,3 +68,21 @@ def test_bench_two_providers_side_by_side(art, tmp_path):
     assert len(res["raw_ms"]["openvino/pruned"]["ttft"]) == 2
     best = min(res["providers"], key=lambda p: res["providers"][p]["ttft"]["pruned_ms"])
     assert res["best"]["provider"] == best
+
+
+def test_unpruned_reference_is_exported_again_when_the_exporting_code_changes(art, monkeypatch):
+    """bench/dense/ is reused for the same recipe and exporter code, and redone for other code."""
+    from vpexport.bench import runner
+    from vpexport.recipe import load_recipe
+
+    recipe = load_recipe(art / "recipe.resolved.yaml")
+    logs = []
+    dense = runner.ensure_dense_export(art, recipe, log=logs.append)
+    first = (dense / "onnx" / "prefill.onnx").stat().st_mtime_ns
+    runner.ensure_dense_export(art, recipe, log=logs.append)
+    assert (dense / "onnx" / "prefill.onnx").stat().st_mtime_ns == first  # same code: reused
+    monkeypatch.setattr(runner, "exporter_fingerprint", lambda: "other exporter")
+    logs.clear()
+    runner.ensure_dense_export(art, recipe, log=logs.append)
+    assert any("exporting the unpruned reference" in m for m in logs)
+    assert (dense / "onnx" / "prefill.onnx").stat().st_mtime_ns != first

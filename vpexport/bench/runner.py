@@ -73,15 +73,29 @@ def bench_requests(recipe, count: int, batch: int) -> list[Request]:
             for i in range(0, need, batch)]
 
 
+def exporter_fingerprint() -> str:
+    """sha256 of the code that shapes the exported graphs (vpexport/model, vpexport/export): an
+    unpruned reference exported by other code would time other graphs than the pruned ones."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for sub in ("model", "export"):
+        for f in sorted((root / sub).glob("*.py")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def ensure_dense_export(artifact_dir: Path, recipe, log=print) -> Path:
-    """The unpruned export of the same recipe (cached under bench/dense/, keyed by the recipe)."""
+    """The unpruned export of the same recipe (cached under bench/dense/, keyed by the recipe and
+    `exporter_fingerprint`)."""
     import shutil
 
     from vpexport.export.onnx_export import export_artifacts
     from vpexport.pruning.schedule import Schedule
 
     dense = artifact_dir / DENSE_SUBDIR
-    key = json.dumps(recipe.resolved(), sort_keys=True, default=str)
+    key = json.dumps({"recipe": recipe.resolved(), "exporter": exporter_fingerprint()}, sort_keys=True, default=str)
     stamp = dense / "bench_key.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key and (dense / "manifest.json").is_file():
         graphs = json.loads((dense / "manifest.json").read_text()).get("export", {}).get("graphs", {})
