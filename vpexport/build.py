@@ -1,9 +1,14 @@
 """`vpexport build`: the whole pipeline for one recipe, staged and resumable.
 
-Stages run in a staging folder beside the final one (`artifacts/.<name>.staging/`); the final
-folder is replaced only when every stage succeeded, so a failed build never leaves a
-half-written artifact where a deployment would look. Each stage records a key (a hash of what
-it depends on) in the manifest; a re-run with unchanged inputs reuses the finished stages.
+Stages run in a staging folder beside the final one (`artifacts/.<name>.staging/`), a real copy
+of the previous artifact (no hard links: nothing written there reaches the previous artifact);
+the final folder is replaced by two renames only when every stage succeeded, so the folder is
+either the complete result of one build or the previous one. The whole build holds the artifact
+lock (vpexport/artifact_lock.py): a second writer is refused, and what a killed build left (temp
+folders, an interrupted swap) is repaired first. Each stage records a key (a hash of what it
+depends on) in the manifest; a re-run with unchanged inputs reuses a finished stage only after
+its outputs verify: the manifest's file hashes for export and later, the recorded sha256 of
+schedule.json for calibration.
 """
 
 from __future__ import annotations
@@ -124,22 +129,47 @@ def ensure_model(recipe, log) -> None:
     tmp.rename(target)
 
 
-def _prepare_staging(final: Path, staging: Path) -> None:
+def _shares_inodes(a: Path, b: Path) -> bool:
+    """Whether any file of `a` is the same inode as one of `b` (an older vpexport's hard-linked staging)."""
+    if not (a.is_dir() and b.is_dir()):
+        return False
+    ours = {(f.stat().st_dev, f.stat().st_ino) for f in b.rglob("*") if f.is_file()}
+    return any((f.stat().st_dev, f.stat().st_ino) in ours for f in a.rglob("*") if f.is_file())
+
+
+def _prepare_staging(final: Path, staging: Path, log) -> None:
+    if staging.exists() and _shares_inodes(staging, final):
+        log(f"[build] {staging} shares files with {final}: starting it afresh")
+        shutil.rmtree(staging)
     if staging.exists():
-        return  # a previous failed build: its finished stages are reused by key
+        return  # a previous failed build: its finished stages are reused by key, after verification
     if final.exists():
-        # Hard links: no copy of multi-GB files; stages replace files (new inodes), never edit in place.
-        shutil.copytree(final, staging, copy_function=os.link)
+        # A real copy, never hard links: a stage that rewrites a file in place (a report, the
+        # resolved recipe) must not change the previous artifact, which stays whole until the swap.
+        log(f"[build] copying {final} into {staging}")
+        shutil.copytree(final, staging)
     else:
         staging.mkdir(parents=True)
 
 
-def _previous_keys(staging: Path) -> dict:
+def _previous_stages(staging: Path) -> dict:
+    """The finished stages' records ({name: record}) of the staging folder's manifest."""
     try:
         m = json.loads((staging / "manifest.json").read_text())
-        return {k: v.get("key") for k, v in m.get("build", {}).get("stages", {}).items() if v.get("status") == "done"}
-    except (OSError, ValueError):
+        stages = m.get("build", {}).get("stages", {})
+        return {k: v for k, v in stages.items() if isinstance(v, dict) and v.get("status") == "done"}
+    except (OSError, ValueError, AttributeError):
         return {}
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _stage_outputs_intact(staging: Path) -> bool:
@@ -154,21 +184,35 @@ def _stage_outputs_intact(staging: Path) -> bool:
 
 
 def build(recipe, out: str | Path | None = None, force: bool = False, log=print) -> dict:
-    from vpexport.manifest import update_manifest
-    from vpexport.paths import resolve_schedule
-    from vpexport.recipe import load_recipe, save_resolved
+    """Run the stages into the staging folder and swap it into place, holding the artifact lock."""
+    from vpexport.artifact_lock import artifact_lock, staging_path
+    from vpexport.recipe import load_recipe
 
     t_start = time.perf_counter()
     ensure_model(recipe, log)
     if recipe.model.synth is not None:
         recipe = load_recipe(recipe.source)  # now fully checkable
     final = artifact_dir(recipe, out)
-    staging = final.with_name(f".{final.name}.staging")
+    with artifact_lock(final, "build") as lock:
+        if lock.stale:
+            log(f"[build] an earlier vpexport {lock.stale.get('command', '?')} (pid {lock.stale.get('pid', '?')}) "
+                "was killed; repaired what it left")
+        for r in lock.removed:
+            log(f"[build] removed or restored: {r}")
+        return _build_locked(recipe, final, staging_path(final), force, log, t_start)
+
+
+def _build_locked(recipe, final: Path, staging: Path, force: bool, log, t_start: float) -> dict:
+    from vpexport.manifest import update_manifest
+    from vpexport.paths import resolve_schedule
+    from vpexport.recipe import save_resolved
+
     if force and staging.exists():
         shutil.rmtree(staging)
-    _prepare_staging(final, staging)
+    _prepare_staging(final, staging, log)
     ctx = Context(recipe, staging, log)
-    prev = {} if force else _previous_keys(staging)
+    prev_stages = {} if force else _previous_stages(staging)
+    prev = {k: v.get("key") for k, v in prev_stages.items()}
     intact = _stage_outputs_intact(staging) if prev else False
     base = _hash(
         __version__,
@@ -187,7 +231,12 @@ def build(recipe, out: str | Path | None = None, force: bool = False, log=print)
         key = _hash(upstream, [_section(recipe, s) for s in st.key_sections], st.name)
         reusable = prev.get(st.name) == key and (intact or st.name == "calibrate")
         if st.name == "calibrate":
-            reusable = reusable and (staging / SCHEDULE_FILE).is_file()
+            # Reused only if schedule.json is the file this stage wrote (its hash in the record).
+            recorded = (prev_stages.get("calibrate") or {}).get("outputs", {}).get(SCHEDULE_FILE)
+            now = _sha256(staging / SCHEDULE_FILE)
+            if reusable and (now is None or recorded != now):
+                log(f"[build] calibrate: {SCHEDULE_FILE} is missing or not the file calibration wrote; calibrating again")
+                reusable = False
         t0 = time.perf_counter()
         if reusable:
             log(f"[build] {st.name}: unchanged inputs, reusing the finished stage")
@@ -204,6 +253,8 @@ def build(recipe, out: str | Path | None = None, force: bool = False, log=print)
                 continue
             records[st.name] = {"status": "done", "key": key, "seconds": round(time.perf_counter() - t0, 2)}
             intact = True
+        if st.name == "calibrate":
+            records[st.name]["outputs"] = {SCHEDULE_FILE: _sha256(staging / SCHEDULE_FILE)}
         upstream = key
         # Record progress after every stage so a later failure keeps what finished.
         update_manifest(staging, "build", {"stages": records, "complete": False})

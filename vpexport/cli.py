@@ -54,12 +54,31 @@ def cli():
     """vpexport: compile a LLaVA-style model into static-shape, visual-token-pruned artifacts."""
 
 
+def _terminate(signum, frame):
+    # SIGTERM (a service manager, `kill`, a CI timeout) unwinds like Ctrl-C: every `finally` that
+    # removes a temp folder or releases the artifact lock runs before the process exits.
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="vpexport", standalone_mode=False)
     except VpexportError as e:
         click.echo(f"error: {e.one_line()}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:
+        import errno
+
+        from vpexport.artifact_lock import storage_error
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST):
+            raise
+        err = storage_error(e, getattr(e, "filename", None) or "the artifact folder")
+        click.echo(f"error: {err.one_line()}", err=True)
+        sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

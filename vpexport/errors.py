@@ -6,6 +6,8 @@ Exit codes:
   4  validation found mismatches between artifacts and the PyTorch model
   5  a required runtime (GPU, TensorRT, Triton) is not available here
   6  calibration found no schedule meeting the recipe's objective (tolerance / FLOPs budget)
+  7  the artifact folder is being written by another vpexport process (its lock is held)
+  8  the file system refused a write (disk full, read-only, permission denied, a file in the way)
 """
 
 from __future__ import annotations
@@ -55,3 +57,11 @@ class RuntimeUnavailable(VpexportError):
 
 class CalibrationFailed(VpexportError):
     exit_code = 6
+
+
+class ArtifactBusy(VpexportError):
+    exit_code = 7
+
+
+class StorageError(VpexportError):
+    exit_code = 8

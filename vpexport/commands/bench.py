@@ -34,8 +34,11 @@ def bench(artifact_dir, providers, precision, peers, reps, decode_steps, threads
     if no_hf:
         peers = [p for p in peers if p != "hf-pytorch"]
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    res = run_bench(artifact_dir, reps, decode_steps, threads, batch, tuple(providers or ("cpu",)), tuple(peers),
-                    precision, not no_memory, log=log)
+    from vpexport.artifact_lock import artifact_lock
+
+    with artifact_lock(artifact_dir, "bench", create=False):
+        res = run_bench(artifact_dir, reps, decode_steps, threads, batch, tuple(providers or ("cpu",)), tuple(peers),
+                        precision, not no_memory, log=log)
     if save:
         from pathlib import Path
 

@@ -22,8 +22,12 @@ def calibrate(recipe_path, out, batch_size, as_json):
     from vpexport.calibrate.search import calibrate as run
     from vpexport.recipe import load_recipe
 
+    from vpexport.artifact_lock import artifact_lock
+    from vpexport.paths import artifact_dir
+
     recipe = load_recipe(recipe_path)
-    r = run(recipe, out, batch_size, progress=True)
+    with artifact_lock(artifact_dir(recipe, out), "calibrate"):
+        r = run(recipe, out, batch_size, progress=True)
     if as_json:
         keys = ("recipe", "schedule", "flops", "eval", "calibration", "published", "matched", "dir")
         click.echo(json.dumps({k: r[k] for k in keys}, indent=2))

@@ -27,15 +27,18 @@ def engine(artifact_dir, precision, workspace_gb, timing_cache, version_compatib
     from vpexport.engine.build import build_engines
     from vpexport.engine.report import format_engines
 
+    from vpexport.artifact_lock import artifact_lock
+
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    doc = build_engines(
-        artifact_dir,
-        precision=precision,
-        workspace_gb=workspace_gb,
-        timing_cache=timing_cache,
-        version_compatible=version_compatible or None,
-        echo=log,
-    )
+    with artifact_lock(artifact_dir, "engine", create=False):
+        doc = build_engines(
+            artifact_dir,
+            precision=precision,
+            workspace_gb=workspace_gb,
+            timing_cache=timing_cache,
+            version_compatible=version_compatible or None,
+            echo=log,
+        )
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:

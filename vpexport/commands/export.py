@@ -38,7 +38,10 @@ def export(recipe_path, out, as_json):
     sched = resolve_schedule(recipe, arch, out)
     dest = artifact_dir(recipe, out)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    summary = export_artifacts(recipe, dest, sched, log=log)
+    from vpexport.artifact_lock import artifact_lock
+
+    with artifact_lock(dest, "export"):
+        summary = export_artifacts(recipe, dest, sched, log=log)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

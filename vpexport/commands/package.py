@@ -69,8 +69,11 @@ def package(artifact_dir, out, check_repo, mode, device, max_batch_size, instanc
         deploy = {**deploy, **{k: v for k, v in overrides.items() if v is not None}}
         if max_batch_size is not None and deploy.get("preferred_batch_sizes"):
             deploy["preferred_batch_sizes"] = [b for b in deploy["preferred_batch_sizes"] if b <= max_batch_size]
-    summary = package_triton(artifact_dir, out, deploy, force=force, threads=threads,
-                             log=lambda m: click.echo(m, err=True), provider=provider, precision=precision)
+    from vpexport.artifact_lock import artifact_lock
+
+    with artifact_lock(artifact_dir, "package", create=False):
+        summary = package_triton(artifact_dir, out, deploy, force=force, threads=threads,
+                                 log=lambda m: click.echo(m, err=True), provider=provider, precision=precision)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -25,7 +25,10 @@ def validate(artifact_dir, samples, provider, precision, as_json):
     if samples is not None and samples < 1:
         raise UserInputError(f"--samples {samples} must be at least 1", field="--samples", fix="give a positive count")
     log = None if as_json else (lambda m: click.echo(m, err=True))
-    report = validate_artifacts(artifact_dir, samples=samples, provider=provider, log=log, precision=precision)
+    from vpexport.artifact_lock import artifact_lock
+
+    with artifact_lock(artifact_dir, "validate", create=False):
+        report = validate_artifacts(artifact_dir, samples=samples, provider=provider, log=log, precision=precision)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
         first = report["failures"][0]
