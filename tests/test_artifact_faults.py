@@ -205,3 +205,59 @@ def test_out_naming_a_file_is_one_line_with_exit_2(built, tmp_path):
         assert r.returncode == 2, (cmd, r.stderr[-2000:])
         assert "is a file, not an artifact folder" in _one_error_line(r)
     assert f.read_text() == "x"
+
+
+# --------------------------------------------------------------------------- verified reuse
+def test_a_file_missing_from_the_file_table_is_refused(built, tmp_path):
+    import shutil
+
+    art = tmp_path / "copy"
+    shutil.copytree(built["out"], art)
+    (art / "runtime" / "extra.json").write_text("{}")
+    r = cli("run", art, "--image", ROOT / "data/mini/images/eval/eval_00000.png", "--prompt", "what?")
+    assert r.returncode == 3 and "is not in the file table" in _one_error_line(r)
+    (art / "runtime" / "extra.json").unlink()
+    m = json.loads((art / "manifest.json").read_text())
+    del m["files"]["onnx/decode.onnx"]
+    (art / "manifest.json").write_text(json.dumps(m))
+    r = cli("run", art, "--image", ROOT / "data/mini/images/eval/eval_00000.png", "--prompt", "what?")
+    assert r.returncode == 3 and "does not list onnx/decode.onnx" in _one_error_line(r)
+
+
+def test_an_edited_schedule_json_is_calibrated_again_not_reused(tmp_path):
+    """The calibrate stage is reused only if schedule.json is the file it wrote; a standalone
+    export refuses a schedule.json that differs from the one the manifest hashed."""
+    from vpexport.testbed.data import generate
+    from vpexport.testbed.model import PROMPT_TEMPLATE, build_mini, save_checkpoint
+
+    m, _, p = build_mini(0)
+    save_checkpoint(tmp_path / "model", m, p, {"template": PROMPT_TEMPLATE})
+    generate(tmp_path / "data", n_calib=4, n_eval=4)
+    rp = tmp_path / "cal.yaml"
+    rp.write_text(
+        f"name: cal\nmodel: {{path: {tmp_path / 'model'}}}\n"
+        f"task:\n  type: vqa\n  data: {{calib: {tmp_path}/data/vqa/calib.jsonl, eval: {tmp_path}/data/vqa/eval.jsonl}}\n"
+        '  prompt: "SYSTEM: read the digits. USER: <image>\\n{question} ASSISTANT:"\n  max_new_tokens: 3\n'
+        "pruning:\n  method: fastv\n  calibrate: {tolerance: 0.5, max_samples: 4}\n"
+        "export:\n  text_length: {max: 24}\nvalidate:\n  samples: 2\n")
+    out = tmp_path / "art"
+    r = cli("build", rp, "--out", out, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sched = out / "schedule.json"
+    original = json.loads(sched.read_text())
+    edited = json.loads(sched.read_text())
+    k = edited["schedule"]["points"][0]["keep"]
+    edited["schedule"]["points"][0]["keep"] = k + 1 if k == 1 else k - 1
+    sched.write_text(json.dumps(edited, indent=2))
+
+    r = cli("export", rp, "--out", out)
+    assert r.returncode == 3 and "was changed after calibration" in _one_error_line(r)
+
+    r = cli("build", rp, "--out", out, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not the file calibration wrote; calibrating again" in r.stderr
+    assert json.loads(sched.read_text())["schedule"] == original["schedule"]  # the search is deterministic
+    from vpexport.manifest import read_manifest
+
+    man = read_manifest(out)
+    assert man["export"]["schedule"] == original["schedule"]

@@ -183,6 +183,25 @@ def test_exit_2_on_bad_image(setup, tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "is a directory" in r.stderr
 
 
+@pytest.mark.parametrize("on", ["artifact", "recipe"])
+def test_exit_2_on_more_images_than_batch_max_or_a_prompt_longer_than_the_export(setup, tmp_path, on):
+    from PIL import Image
+
+    target = setup["art"] if on == "artifact" else setup["recipe"]
+    img = tmp_path / "ok.png"
+    Image.new("RGB", (96, 96), (10, 20, 30)).save(img)
+    def error_line(r):
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1, r.stderr
+        return lines[0]
+
+    line = error_line(cli("run", target, *["--image", img] * 9, "--prompt", "read the digits"))
+    assert "9 images" in line and "export.batch.max (8)" in line, line
+    line = error_line(cli("run", target, "--image", img, "--prompt", " ".join(["digits"] * 40)))
+    assert "tokens after the image" in line and "(16)" in line, line
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "missing", "missing_tokenizer"])
 def test_exit_3_on_damaged_artifacts(setup, tmp_path, damage):
     art = _copy(setup, tmp_path)
@@ -215,7 +234,7 @@ def test_exit_3_on_corrupt_onnx_with_rehashed_manifest(setup, tmp_path):
     assert r.returncode == 3 and "cannot load" in r.stderr
 
 
-@pytest.mark.parametrize("key", ["num_layers", "max_new_tokens", "text_length"])
+@pytest.mark.parametrize("key", ["num_layers", "max_new_tokens", "text_length", "batch_max"])
 def test_exit_3_on_generation_json_missing_a_key(setup, tmp_path, key):
     from vpexport.manifest import update_manifest
 

@@ -18,6 +18,18 @@ class Sample:
     image: Path
     question: str
     answer: str
+    source: str = ""  # "FILE:LINE" of the JSONL line it came from
+
+    def load_image(self, field: str = "task.data"):
+        """The sample's RGB image; an unreadable one is a one-line error naming the JSONL file and line."""
+        from vpexport.runtime.preprocess import load_image
+
+        try:
+            return load_image(self.image, field=field)
+        except UserInputError as e:
+            raise UserInputError(f"{self.source}: {e}" if self.source else str(e), field=e.field,
+                                 fix=f"fix or replace the image named on line {self.source.rsplit(':', 1)[-1]}"
+                                 if self.source else e.fix) from None
 
 
 def load_samples(path: str | Path, limit: int | None = None, field: str = "task.data") -> list[Sample]:
@@ -35,7 +47,8 @@ def load_samples(path: str | Path, limit: int | None = None, field: str = "task.
         try:
             row = json.loads(line)
             img = Path(row["image"])
-            s = Sample(img if img.is_absolute() else path.parent / img, str(row["question"]), str(row["answer"]))
+            s = Sample(img if img.is_absolute() else path.parent / img, str(row["question"]), str(row["answer"]),
+                       f"{path}:{no}")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserInputError(
                 f"{path}:{no} is not a JSON object with image/question/answer ({type(e).__name__}: {e})",

@@ -45,13 +45,12 @@ def evaluate(answer_fn, samples, task: str, batch_size: int = 16, progress: str 
     """`answer_fn(images, questions) -> list[str]`; returns metrics plus per-sample predictions."""
     from tqdm import tqdm
 
-    from vpexport.model.loading import load_image
 
     preds: list[str] = []
     bar = tqdm(total=len(samples), desc=progress, disable=progress is None, leave=False, unit="sample")
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        images = [load_image(s.image, field="task.data") for s in chunk]
+        images = [s.load_image("task.data") for s in chunk]
         preds.extend(answer_fn(images, [s.question for s in chunk]))
         bar.update(len(chunk))
     bar.close()

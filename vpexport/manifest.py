@@ -82,11 +82,34 @@ def _load_raw(directory: Path) -> dict:
     return data
 
 
+REQUIRED_FILES = ("onnx/vision.onnx", "onnx/prefill.onnx", "onnx/decode.onnx")
+# `graphs` of a manifest: "local" (the default: the graphs are in onnx/) or "triton" (a Triton
+# repository's bls copy, whose graphs are served by Triton's onnxruntime backend, not carried).
+GRAPHS_LOCAL, GRAPHS_TRITON = "local", "triton"
+
+
 def read_manifest(directory: str | Path, verify: bool = True) -> dict:
-    """The manifest; with `verify`, every listed file must exist with its recorded sha256."""
+    """The manifest; with `verify`, every listed file must exist with its recorded sha256, and an
+    exported artifact's table must list the three graphs and every file under onnx/ and runtime/."""
     directory = Path(directory)
     data = _load_raw(directory)
     if verify:
+        graphs = data.get("graphs", GRAPHS_LOCAL)
+        if graphs not in (GRAPHS_LOCAL, GRAPHS_TRITON):
+            raise ArtifactError(f"{directory / MANIFEST}: graphs is {graphs!r}, not {GRAPHS_LOCAL!r} or {GRAPHS_TRITON!r}",
+                                field="artifacts", fix="re-run `vpexport export`")
+        if "export" in data and graphs == GRAPHS_LOCAL:
+            # Every file the runtime reads must be in the table: one left out would be used unverified.
+            for rel in REQUIRED_FILES:
+                if rel not in data["files"]:
+                    raise ArtifactError(f"{directory / MANIFEST} does not list {rel}", field="artifacts",
+                                        fix="re-run `vpexport export`")
+            for sub in ("onnx", "runtime"):
+                for f in sorted((directory / sub).rglob("*")) if (directory / sub).is_dir() else ():
+                    rel = f.relative_to(directory).as_posix()
+                    if f.is_file() and rel not in data["files"]:
+                        raise ArtifactError(f"{f} is not in the file table of {directory / MANIFEST} (it would be used unverified)",
+                                            field="artifacts", fix="remove the file, or re-run `vpexport export`")
         for rel, info in data["files"].items():
             p = directory / rel
             if not p.is_file():

@@ -28,6 +28,7 @@ def resolve_schedule(recipe, arch=None, out: str | Path | None = None) -> Schedu
             field="pruning.calibrate",
             fix=f"run `vpexport calibrate {recipe.source or 'RECIPE'}` first (or `vpexport build`)",
         )
+    _check_against_manifest(f, recipe)
     try:
         sched = Schedule.from_dict(json.loads(f.read_text())["schedule"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
@@ -37,3 +38,20 @@ def resolve_schedule(recipe, arch=None, out: str | Path | None = None) -> Schedu
     if arch is not None:
         sched.check(arch.text.layers, arch.visual_tokens, where=str(f))
     return sched
+
+
+def _check_against_manifest(f: Path, recipe) -> None:
+    """A schedule.json the manifest lists must still be the file that was hashed (calibration wrote
+    it, export recorded it): an edited one would be exported and re-stamped as if calibrated."""
+    from vpexport.manifest import MANIFEST, sha256_file
+
+    try:
+        listed = json.loads((f.parent / MANIFEST).read_text()).get("files", {}).get(SCHEDULE_FILE)
+    except (OSError, ValueError, AttributeError):
+        return  # no readable manifest yet: calibrated, not exported
+    if isinstance(listed, dict) and listed.get("sha256") and sha256_file(f) != listed["sha256"]:
+        raise ArtifactError(
+            f"{f} was changed after calibration (its sha256 differs from {f.parent / MANIFEST})",
+            field=SCHEDULE_FILE,
+            fix=f"re-run `vpexport calibrate {recipe.source or 'RECIPE'}`, or put the schedule in the recipe's pruning.points",
+        )

@@ -58,12 +58,11 @@ def bench_requests(recipe, count: int, batch: int) -> list[Request]:
     from PIL import Image
 
     from vpexport.data import load_samples
-    from vpexport.runtime.preprocess import load_image
 
     need = count * batch
     if recipe.task.data.eval:
         samples = load_samples(recipe.task.data.eval, limit=need, field="task.data.eval")
-        pairs = [(load_image(s.image, field="task.data.eval"), s.question) for s in samples]
+        pairs = [(s.load_image("task.data.eval"), s.question) for s in samples]
     else:
         pairs = []
     if not pairs:

@@ -77,7 +77,6 @@ class Runner:
     """Holds the encoded samples of one split and the dense caches; evaluates schedules."""
 
     def __init__(self, pipe, samples, task: str, batch_size: int = 32, progress=None):
-        from vpexport.model.loading import load_image
 
         self.pipe, self.task = pipe, task
         self.base: PrunedLlava = pipe.pruned if pipe.schedule.method == "none" and not pipe.schedule.points else PrunedLlava(
@@ -89,7 +88,7 @@ class Runner:
         with torch.inference_mode():
             for i in range(0, len(samples), batch_size):
                 chunk = samples[i : i + batch_size]
-                images = [load_image(s.image, field="task.data") for s in chunk]
+                images = [s.load_image("task.data") for s in chunk]
                 ids, mask, px = pipe.encode(images, [s.question for s in chunk])
                 self.base.check_inputs(ids)
                 self.batches.append(

@@ -388,10 +388,9 @@ def _better(c: Candidate, best: Candidate) -> bool:
 # ---------------------------------------------------------------------------- top level
 def check_images(samples, field: str) -> None:
     """Fail with a one-line UserInputError on the first unreadable image, before any model is loaded."""
-    from vpexport.model.loading import load_image
 
     for smp in samples:
-        load_image(smp.image, field=field)
+        smp.load_image(field)
 
 
 def _pipeline(recipe):
@@ -578,6 +577,11 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     tmp = dest / f".{SCHEDULE_FILE}.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(dest / SCHEDULE_FILE)
+    from vpexport.manifest import MANIFEST, update_manifest
+
+    if (dest / MANIFEST).is_file():
+        # The folder's manifest now vouches for this schedule.json (a later export checks it).
+        update_manifest(dest, None, None, files=[SCHEDULE_FILE])
     (dest / "calibration.md").write_text(report_md(result, task))
     result["dir"] = str(dest)
     return result

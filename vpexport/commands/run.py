@@ -50,18 +50,38 @@ def run(target, images, prompts, max_new_tokens, as_json, provider, precision):
             click.echo(a["text"])
 
 
+def _check_batch(n: int, batch_max: int, where: str) -> None:
+    from vpexport.errors import UserInputError
+
+    if n > batch_max:
+        raise UserInputError(f"{n} images in one call, more than {where} ({batch_max})", field="--image",
+                             fix=f"give at most {batch_max} images per call, or re-export with export.batch.max >= {n}")
+
+
 def _run_recipe(path, images, prompts, max_new_tokens):
+    from vpexport.errors import UserInputError
     from vpexport.model.loading import load_image
     from vpexport.model.pipeline import TorchPipeline
     from vpexport.paths import resolve_schedule
     from vpexport.recipe import load_recipe
 
     recipe = load_recipe(path)
+    _check_batch(len(images), recipe.export.batch.max, "export.batch.max")
     pics = [load_image(p) for p in images]  # fail on a bad image before loading weights
     arch = recipe.resolve_arch()
     pipe = TorchPipeline.from_recipe(recipe, resolve_schedule(recipe, arch))
     if max_new_tokens:
         pipe.max_new_tokens = max_new_tokens
+    # The PyTorch path answers what the exported graphs would answer, so it takes only what they
+    # take: a prompt longer than export.text_length.max is refused here as by the artifact path.
+    longest = pipe.longest_text(pics, prompts)
+    if longest > recipe.export.text_length.max:
+        raise UserInputError(
+            f"the prompt has {longest} tokens after the image, more than export.text_length.max "
+            f"({recipe.export.text_length.max})",
+            field="--prompt",
+            fix=f"shorten the question, or raise export.text_length.max to >= {longest} in {path}",
+        )
     return [{"text": a.text, "tokens": a.tokens, "kept": a.kept} for a in pipe.answer(pics, prompts)]
 
 

@@ -35,18 +35,10 @@ def load_llava(path: str | Path, dtype: str = "float32"):
 
 
 def load_image(path: str | Path, field: str = "--image"):
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image (the runtime's reader: one set of checks for every path)."""
+    from vpexport.runtime.preprocess import load_image as _load
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"image {path} does not exist", field=field, fix="give a path to a PNG/JPEG image")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserInputError(
-            f"{path} is not a readable image ({type(e).__name__})", field=field, fix="give a PNG or JPEG file"
-        ) from None
+    return _load(path, field=field)
 
 
 def render_prompt(template: str, question: str) -> str:

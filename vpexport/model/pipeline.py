@@ -63,6 +63,12 @@ class TorchPipeline:
 
         return encode(self.processor, self.template, questions, images)
 
+    def longest_text(self, images, questions) -> int:
+        """Tokens after the image in the longest of these prompts (what export.text_length bounds)."""
+        ids, mask, _ = self.encode(images, questions)
+        img = int(self.model.config.image_token_id)
+        return int((mask.sum(-1) - self.prefix - (ids == img).sum(-1)).max())
+
     def answer(self, images, questions) -> list[Answer]:
         ids, mask, px = self.encode(images, questions)
         with self._torch.inference_mode():

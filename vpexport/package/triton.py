@@ -228,7 +228,7 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
     """
     import time
 
-    from vpexport.manifest import read_manifest
+    from vpexport.manifest import GRAPHS_TRITON, read_manifest
 
     t0 = time.perf_counter()
     log = log or (lambda m: None)
@@ -313,6 +313,8 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
             _place(art / f, a / f)
         m = json.loads((art / "manifest.json").read_text())
         m["files"] = {k: v for k, v in m["files"].items() if k in files}
+        if skip:
+            m["graphs"] = GRAPHS_TRITON  # the table is complete without onnx/: Triton serves the graphs
         (a / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
         wiring = {n: {"inputs": [i[0] for i in sigs[n]["inputs"]], "outputs": [o[0] for o in sigs[n]["outputs"]]}
                   for n in COMPONENTS}

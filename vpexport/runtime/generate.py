@@ -69,6 +69,7 @@ class ArtifactRuntime:
             self.prefix, self.visual = int(g["prefix"]), int(g["visual_tokens"])
             self.num_layers = int(g["num_layers"])
             self.max_new_tokens = int(g["max_new_tokens"])
+            self.batch_max = int(g["batch_max"])
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{rt / 'generation.json'} is incomplete ({type(e).__name__}: {e})", field="artifacts",
                                 fix="re-run `vpexport export`") from None
@@ -118,6 +119,12 @@ class ArtifactRuntime:
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
         b = input_ids.shape[0]
+        if b > self.batch_max:
+            # The graphs' batch axis is dynamic, so ONNX Runtime / OpenVINO would run it; the engines,
+            # the Triton config and the validation were all made for at most batch_max.
+            raise UserInputError(f"{b} images in one call, more than this artifact's export.batch.max ({self.batch_max})",
+                                 field="--image", fix=f"give at most {self.batch_max} images per call, or re-export "
+                                 f"with export.batch.max >= {b}")
         out = self.prefill(input_ids, attention_mask, self.encode_image(pixel_values))
         cache = self.start_cache(out, attention_mask, max_new - 1)
         next_pos = (self.prefix + self.visual + out.text_len).astype(np.int64)[:, None]

@@ -80,7 +80,7 @@ class PromptTokenizer:
         longest = max(len(r) - head for r in rows)
         if max_text is not None and longest > max_text:
             raise UserInputError(
-                f"the prompt has {longest} tokens after the image, more than the exported maximum {max_text}",
+                f"the prompt has {longest} tokens after the image, more than export.text_length.max ({max_text})",
                 field="--prompt",
                 fix=f"shorten the question, or re-export with export.text_length.max >= {longest}",
             )

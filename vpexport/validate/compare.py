@@ -112,7 +112,7 @@ def validate_artifacts(
     from vpexport.export.onnx_export import kept_tensors
     from vpexport.evaluation import MAIN_METRIC, score
     from vpexport.manifest import read_manifest, update_manifest
-    from vpexport.model.loading import load_image, load_llava
+    from vpexport.model.loading import load_llava
     from vpexport.model.pipeline import TorchPipeline
     from vpexport.pruning.schedule import Schedule
     from vpexport.runtime import ArtifactRuntime
@@ -160,7 +160,7 @@ def validate_artifacts(
     bs = batch_size or min(8, recipe.export.batch.max)
     for start in range(0, len(data), bs):
         chunk = data[start : start + bs]
-        images = [load_image(s.image, field="task.data.eval") for s in chunk]
+        images = [s.load_image("task.data.eval") for s in chunk]
         questions = [s.question for s in chunk]
         say(f"[validate] samples {start + 1}-{start + len(chunk)} of {len(data)}")
         # ---- runtime inputs vs the HF processor
