@@ -261,3 +261,29 @@ def test_an_edited_schedule_json_is_calibrated_again_not_reused(tmp_path):
 
     man = read_manifest(out)
     assert man["export"]["schedule"] == original["schedule"]
+
+
+def test_derived_outputs_name_the_final_folder_and_a_re_export_removes_a_stale_triton_repo(built, tmp_path):
+    """`vpexport build` validates and packages its staging folder: what they record must name the
+    folder the build swapped into place (and the digest of its graphs), and exporting into that
+    folder again removes the Triton repository made from the previous graphs."""
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is not installed")
+    from vpexport.manifest import artifact_digest
+
+    rp = tmp_path / "deploy.yaml"
+    rp.write_text(built["recipe"].read_text() + "deploy:\n  triton: {enabled: true, max_batch_size: 4}\n")
+    out = tmp_path / "art"
+    r = cli("build", rp, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    marker = json.loads((out / "triton" / ".vpexport-package.json").read_text())
+    assert marker["artifact"] == str(out.resolve()) and marker["artifact_digest"] == artifact_digest(m)
+    assert "artifact_dir" not in m["validation"] and m["validation"]["artifact_digest"] == artifact_digest(m)
+    assert ".staging" not in (out / "triton" / ".vpexport-package.json").read_text()
+    r = cli("package", "--check", out / "triton")
+    assert r.returncode == 0, r.stderr
+    rp.write_text(rp.read_text().replace("keep: 72", "keep: 60"))  # other graphs
+    r = cli("export", rp, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / "triton").exists(), "triton/ still serves the previous graphs"
+    assert "package" not in json.loads((out / "manifest.json").read_text())

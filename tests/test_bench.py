@@ -31,6 +31,9 @@ def test_bench_reports_every_figure(art, tmp_path):
     res = json.loads(out.read_text())
     for key in ("providers", "peers", "best", "flops", "kv_cache"):
         assert key in res, key
+    from vpexport.manifest import artifact_digest
+
+    assert res["artifact_digest"] == artifact_digest(json.loads((art / "manifest.json").read_text()))
     assert 0 < res["flops"]["ratio"] < 1 and 0 < res["kv_cache"]["ratio"] < 1
     cpu = res["providers"]["cpu"]
     for key in ("ttft", "prefill", "decode", "memory"):

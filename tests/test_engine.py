@@ -173,7 +173,9 @@ def tiny_art(tmp_path) -> Path:
     update_manifest(art, None, None, files=files)
     update_manifest(art, "recipe", {"name": "tiny", "engine": {"precision": "fp16", "workspace_gb": 1.0, "timing_cache": None, "version_compatible": False}})
     graphs = {g: {"inputs": _graph_inputs(art / "onnx" / f"{g}.onnx")} for g in ("vision", "prefill", "decode")}
-    update_manifest(art, "export", {"precision": "fp32", "graphs": graphs})
+    sched = {"method": "fastv", "points": [{"layer": 1, "keep": 8, "rule": "last_token"}], "sink_layers": 0, "seed": 0}
+    update_manifest(art, "schedule", sched)
+    update_manifest(art, "export", {"precision": "fp32", "graphs": graphs, "schedule": sched})
     return art
 
 

@@ -344,6 +344,10 @@ def test_openvino_bf16_keeps_the_caches_in_bf16_and_takes_f32_caches_too(setup):
     (lambda m: m.update(format=99), "has format 99; this vpexport reads format 1"),
     (lambda m: m.pop("format"), "has format None"),
     (lambda m: m["files"].update({"onnx/vision.onnx": "abc"}), "files['onnx/vision.onnx'] is not a {size, sha256} entry"),
+    (lambda m: m.pop("schedule"), "has no valid schedule"),
+    (lambda m: m.update(schedule="L2:72"), "has no valid schedule"),
+    (lambda m: m["schedule"]["points"][0].update(keep=1), "not the one the graphs were exported with"),
+    (lambda m: m.update(graphs="remote"), "graphs is 'remote'"),
 ])
 def test_exit_3_on_manifest_of_unknown_format_or_bad_file_entry(setup, tmp_path, edit, msg):
     art = _copy(setup, tmp_path)

@@ -58,7 +58,9 @@ def make_artifact(d: Path, deploy: dict | None = None) -> Path:
     files = [f"onnx/{n}.onnx" for n in ("vision", "prefill", "decode")] + [f"runtime/{n}" for n in
                                                                           ("tokenizer.json", "preprocess.json", "generation.json")]
     update_manifest(d, "recipe", {"deploy": {"triton": deploy or {"enabled": True, "max_batch_size": 8, "mode": "inprocess"}}})
-    update_manifest(d, "export", {"batch": {"max": 8}}, files=files)
+    sched = {"method": "fastv", "points": [{"layer": 1, "keep": 72, "rule": "last_token"}], "sink_layers": 0, "seed": 0}
+    update_manifest(d, "schedule", sched)
+    update_manifest(d, "export", {"batch": {"max": 8}, "schedule": sched}, files=files)
     return d
 
 
@@ -202,3 +204,28 @@ def test_engines_become_tensorrt_plan_models(tmp_path):
     assert any("decode/config.pbtxt: output 'present.0.key' dims [4, 154, 32]" in p for p in check_repository(repo))
     (repo / "vision/1/model.plan").unlink()
     assert "vision/1: model file model.plan is missing" in check_repository(repo)
+
+
+def test_a_repository_is_refused_once_its_artifact_was_exported_again(tmp_path):
+    """The marker records the artifact's digest; `package --check` compares it with the artifact now."""
+    art = make_artifact(tmp_path / "art")
+    repo = tmp_path / "repo"
+    package_triton(art, repo, None)
+    marker = json.loads((repo / ".vpexport-package.json").read_text())
+    assert marker["artifact"] == str(art.resolve()) and len(marker["artifact_digest"]) == 64
+    assert check_repository(repo) == []
+    assert (repo.stat().st_mode & 0o777) == (0o777 & ~_umask())  # not mkdtemp's 0700
+    (art / "runtime" / "preprocess.json").write_text(json.dumps({"batch_max": 8, "size": 1}))
+    update_manifest(art, None, None, files=["runtime/preprocess.json"])  # a re-export: new hashes
+    problems = check_repository(repo)
+    assert len(problems) == 1 and "earlier export" in problems[0], problems
+    r = cli("package", "--check", repo)
+    assert r.returncode != 0 and "earlier export" in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+def _umask() -> int:
+    import os
+
+    u = os.umask(0)
+    os.umask(u)
+    return u

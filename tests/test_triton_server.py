@@ -242,3 +242,46 @@ def test_server_inprocess_openvino_matches_vpexport_run(artifact, samples, refer
     cfg = (repo / "llava" / "config.pbtxt").read_text()
     assert re.search(r'key: "provider"\s+value \{\s+string_value: "openvino"', cfg)
     _serve_and_compare(repo, ["llava"], samples, reference, tmp_path)
+
+
+def test_sigterm_to_the_server_command_stops_tritonserver_and_removes_its_work_dir(artifact, tmp_path):
+    """`python -m vpexport.package.triton_server` under a service manager: SIGTERM stops the server
+    it started (tritonserver runs in its own session, so it would outlive us) and removes the work dir."""
+    import signal
+    import subprocess
+    import sys
+
+    from vpexport.package.triton import package_triton
+    from vpexport.package.triton_server import free_port
+
+    repo = tmp_path / "repo"
+    package_triton(artifact, repo, None)
+    for d in [repo, *[p for p in repo.rglob("*") if p.is_dir()]]:
+        assert d.stat().st_mode & 0o755 == 0o755, f"{d} is mode {oct(d.stat().st_mode & 0o777)}: the server's user may not read it"
+    ports = [str(free_port()) for _ in range(3)]
+    p = subprocess.Popen([sys.executable, "-m", "vpexport.package.triton_server", str(repo), "--http-port", ports[0],
+                          "--grpc-port", ports[1], "--metrics-port", ports[2]], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        m = re.search(r"tritonserver pid (\d+) ready .* \(log (\S+)\)", line)
+        assert m, line + p.stderr.read()[-2000:] if p.poll() is not None else line
+        server_pid, work = int(m.group(1)), Path(m.group(2)).parent
+        assert work.is_dir()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 0, p.stderr.read()[-2000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(server_pid, 9)
+        raise AssertionError("tritonserver still runs after its launcher got SIGTERM")
+    assert not work.exists(), f"the server's work dir {work} was left behind"
+    assert "Traceback" not in p.stderr.read()

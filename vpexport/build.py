@@ -37,8 +37,9 @@ class Stage:
 
 
 class Context:
-    def __init__(self, recipe, staging: Path, log):
+    def __init__(self, recipe, staging: Path, log, final: Path | None = None):
         self.recipe, self.dir, self.log = recipe, staging, log
+        self.final = final or staging  # where the staging folder is swapped to
         self.schedule = None
         self.keys: dict[str, str] = {}
         self.summaries: dict[str, dict] = {}
@@ -101,7 +102,7 @@ def _stage_validate(ctx: Context) -> dict:
 def _stage_package(ctx: Context) -> dict:
     from vpexport.package.triton import package_triton
 
-    return package_triton(ctx.dir, ctx.dir / "triton", ctx.recipe.deploy, log=ctx.log)
+    return package_triton(ctx.dir, ctx.dir / "triton", ctx.recipe.deploy, log=ctx.log, record_as=ctx.final)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -210,7 +211,7 @@ def _build_locked(recipe, final: Path, staging: Path, force: bool, log, t_start:
     if force and staging.exists():
         shutil.rmtree(staging)
     _prepare_staging(final, staging, log)
-    ctx = Context(recipe, staging, log)
+    ctx = Context(recipe, staging, log, final)
     prev_stages = {} if force else _previous_stages(staging)
     prev = {k: v.get("key") for k, v in prev_stages.items()}
     intact = _stage_outputs_intact(staging) if prev else False

@@ -98,6 +98,17 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict:
         if graphs not in (GRAPHS_LOCAL, GRAPHS_TRITON):
             raise ArtifactError(f"{directory / MANIFEST}: graphs is {graphs!r}, not {GRAPHS_LOCAL!r} or {GRAPHS_TRITON!r}",
                                 field="artifacts", fix="re-run `vpexport export`")
+        if "export" in data:
+            # The top-level schedule is what validate and bench read; it must be the one the graphs
+            # were exported with (a manifest without one, or an edited one, describes other graphs).
+            exp = data["export"] if isinstance(data["export"], dict) else {}
+            sched = data.get("schedule")
+            if not isinstance(sched, dict) or not isinstance(sched.get("points"), list) or "method" not in sched:
+                raise ArtifactError(f"{directory / MANIFEST} has no valid schedule (got {str(sched)[:80]})",
+                                    field="artifacts", fix="re-run `vpexport export`")
+            if exp.get("schedule") != sched:
+                raise ArtifactError(f"{directory / MANIFEST}: its schedule is not the one the graphs were exported with "
+                                    "(export.schedule)", field="artifacts", fix="re-run `vpexport export`")
         if "export" in data and graphs == GRAPHS_LOCAL:
             # Every file the runtime reads must be in the table: one left out would be used unverified.
             for rel in REQUIRED_FILES:
@@ -132,6 +143,19 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict:
                     fix="re-run `vpexport export` (or restore the file)",
                 )
     return data
+
+
+# What a derived output (a validation, a Triton repository, a bench result) was made from: the
+# hashes of the graphs, engines and runtime assets. A re-export changes it; moving the folder does not.
+DIGEST_PREFIXES = ("onnx/", "engines/", "runtime/")
+
+
+def artifact_digest(manifest: dict) -> str:
+    """sha256 over the (path, sha256) pairs of the manifest's graphs, engines and runtime assets."""
+    files = manifest.get("files") or {}
+    pairs = sorted((rel, (info or {}).get("sha256")) for rel, info in files.items()
+                   if isinstance(info, dict) and rel.startswith(DIGEST_PREFIXES))
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
 
 def update_manifest(directory: str | Path, section: str | None, data: dict | None, files: list[str] = ()) -> dict:

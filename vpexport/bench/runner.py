@@ -267,7 +267,7 @@ def run_bench(
 ) -> dict:
     from vpexport.accounting import kv_cache_bytes, prefill_flops
     from vpexport.bench.peers import PeerUnavailable
-    from vpexport.manifest import read_manifest
+    from vpexport.manifest import artifact_digest, read_manifest
     from vpexport.paths import resolve_schedule
     from vpexport.recipe import load_recipe
     from vpexport.runtime.providers import get as get_provider
@@ -413,6 +413,7 @@ def run_bench(
         if row.get("decode_ms_per_token") and result["best"]["decode_ms_per_token"]:
             result["best"][f"decode_vs_{key}"] = round(result["best"]["decode_ms_per_token"] / row["decode_ms_per_token"], 4)
     result["manifest_schedule"] = manifest.get("schedule")
+    result["artifact_digest"] = artifact_digest(manifest)  # what was timed: a later re-export changes it
     return result
 
 

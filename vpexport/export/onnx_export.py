@@ -476,6 +476,12 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
     files = onnx_files + [f"runtime/{f}" for f in rt_files] + ["recipe.resolved.yaml"]
     if (out_dir / "schedule.json").is_file():
         files.append("schedule.json")
+    # A Triton repository packaged from the previous graphs would keep serving them: it goes with
+    # the manifest sections this export makes stale (only one package_triton wrote, by its marker).
+    from vpexport.package.triton import MARKER_FILE
+
+    if (out_dir / "triton" / MARKER_FILE).is_file():
+        shutil.rmtree(out_dir / "triton")
     if (out_dir / MANIFEST).is_file():
         try:
             old = _load_raw(out_dir)

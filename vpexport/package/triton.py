@@ -217,7 +217,8 @@ def _copy_runtime_package(dst: Path) -> None:
 
 # =========================================================================== packaging
 def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = PY_MODEL, force: bool = False,
-                   threads: int = 1, log=None, provider: str | None = None, precision: str = "auto") -> dict:
+                   threads: int = 1, log=None, provider: str | None = None, precision: str = "auto",
+                   record_as: str | Path | None = None) -> dict:
     """Write the Triton model repository for ARTIFACT_DIR into OUT_DIR; returns a summary dict.
 
     `deploy_cfg`: a recipe's `deploy.triton` (TritonSection or dict), or its whole `deploy` section;
@@ -225,10 +226,13 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
     defaults. An existing OUT is replaced when `force` or when package_triton wrote it.
     `provider`: the python model's runtime in inprocess mode on CPU instances (cpu = ONNX Runtime,
     openvino; `precision` applies to openvino); GPU instances use tensorrt plans or cuda.
+    `record_as`: the artifact path OUT's marker records (`vpexport build` packages its staging
+    folder and passes the final one); the marker also records the artifact's digest, which
+    `check_repository` compares with the artifact's current one.
     """
     import time
 
-    from vpexport.manifest import GRAPHS_TRITON, read_manifest
+    from vpexport.manifest import GRAPHS_TRITON, artifact_digest, read_manifest
 
     t0 = time.perf_counter()
     log = log or (lambda m: None)
@@ -266,6 +270,11 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        # mkdtemp makes the folder 0700; a repository is read by the server's user (a container's,
+        # a service account), so it gets the mode any new folder gets here.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         models = {}
         sigs = {}
         for n in COMPONENTS:
@@ -325,9 +334,10 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
                               "max_batch_size": cfg.max_batch_size}
         log(f"[package] {model_name}: python backend, mode {d['mode']}, provider {provider}")
 
-        (tmp / MARKER_FILE).write_text(json.dumps({"artifact": str(art.resolve()), "mode": d["mode"],
+        (tmp / MARKER_FILE).write_text(json.dumps({"artifact": str(Path(record_as or art).resolve()),
+                                                   "artifact_digest": artifact_digest(manifest), "mode": d["mode"],
                                                    "device": d["device"]}, indent=2) + "\n")
-        problems = check_repository(tmp)
+        problems = check_repository(tmp, check_source=False)  # the marker may name a folder not swapped in yet
         if problems:
             raise ArtifactError(f"the generated repository fails its check: {problems[0]}"
                                 + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
@@ -508,13 +518,14 @@ def _check_python(folder: Path, version: Path, cfg, repo_models: dict, where: st
     return problems
 
 
-def check_repository(repo_dir) -> list[str]:
+def check_repository(repo_dir, check_source: bool = True) -> list[str]:
     """Every problem found in a Triton model repository (empty list: sound), one line each.
 
     Parses each config.pbtxt against Triton's schema (tritonclient's model_config_pb2), then
     checks platform/backend names, the model file in each version folder, inputs/outputs
     (names, types, dims) against the ONNX graph, python-model parameters and BLS wiring,
-    and leftover template markers.
+    and leftover template markers; with `check_source`, that the artifact named in the
+    repository's marker still has the digest it was packaged from.
     """
     pb, text_format = _pb()
     repo = Path(repo_dir)
@@ -542,4 +553,28 @@ def check_repository(repo_dir) -> list[str]:
                 problems += check_model(f, models)
             except ArtifactError as e:
                 problems.append(f"{f.name}: {e}")
-    return problems
+    return problems + (_check_source(repo) if check_source else [])
+
+
+def _check_source(repo: Path) -> list[str]:
+    """A repository package_triton wrote must still match the artifact it was made from."""
+    from vpexport.manifest import MANIFEST, artifact_digest
+
+    marker = repo / MARKER_FILE
+    if not marker.is_file():
+        return []  # written by hand or by another tool: nothing recorded to compare
+    try:
+        rec = json.loads(marker.read_text())
+        src, want = Path(rec["artifact"]), rec["artifact_digest"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{MARKER_FILE}: unreadable ({type(e).__name__}); re-run `vpexport package`"]
+    if not (src / MANIFEST).is_file():
+        return []  # the repository was moved away from its artifact (e.g. copied to a server)
+    try:
+        now = artifact_digest(json.loads((src / MANIFEST).read_text()))
+    except (OSError, ValueError) as e:
+        return [f"{src / MANIFEST}: unreadable ({type(e).__name__})"]
+    if now != want:
+        return [f"{repo} was made from an earlier export of {src} (its graphs or runtime files changed since); "
+                f"re-run `vpexport package {src} --triton {repo} --force`"]
+    return []

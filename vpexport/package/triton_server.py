@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vpexport.errors import RuntimeUnavailable
+from vpexport.errors import RuntimeUnavailable, VpexportError
 
 
 def _pytriton_root() -> Path:
@@ -306,16 +306,32 @@ def main(argv=None):  # python -m vpexport.package.triton_server REPO [--models 
             print(f"export {k}={env[k]}")
         print(" ".join(server_command(a.repo, a.http_port, a.grpc_port, a.metrics_port, models, backends, lay.caches, a.host)))
         return
-    h = start_server(a.repo, a.http_port, a.grpc_port, a.metrics_port, models, a.host)
+    # SIGTERM / SIGHUP (a service manager, `kill`, a closed terminal) unwind like Ctrl-C, so the
+    # `finally` below stops tritonserver (its own session: it would outlive us) and removes the work dir.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    h = None
     try:
+        h = start_server(a.repo, a.http_port, a.grpc_port, a.metrics_port, models, a.host)
         t = wait_ready(h, models or ())
-        print(f"tritonserver pid {h.pid} ready in {t:.1f} s on http://{h.http_url} grpc {h.grpc_url} (log {h.log_path}); Ctrl-C stops it")
+        print(f"tritonserver pid {h.pid} ready in {t:.1f} s on http://{h.http_url} grpc {h.grpc_url} (log {h.log_path}); "
+              "Ctrl-C or SIGTERM stops it", flush=True)
         h.proc.wait()
+        if h.proc.returncode:
+            print(f"error: tritonserver exited with {h.proc.returncode}: {_log_error(h.log())}", file=sys.stderr)
+            sys.exit(5)
     except KeyboardInterrupt:
         pass
+    except VpexportError as e:
+        print(f"error: {e.one_line()}", file=sys.stderr)
+        sys.exit(e.exit_code)
     finally:
-        stop(h)
+        if h is not None:
+            stop(h)
 
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 if __name__ == "__main__":
     main()

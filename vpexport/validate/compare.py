@@ -111,7 +111,7 @@ def validate_artifacts(
     from vpexport.data import load_samples
     from vpexport.export.onnx_export import kept_tensors
     from vpexport.evaluation import MAIN_METRIC, score
-    from vpexport.manifest import read_manifest, update_manifest
+    from vpexport.manifest import artifact_digest, read_manifest, update_manifest
     from vpexport.model.loading import load_llava
     from vpexport.model.pipeline import TorchPipeline
     from vpexport.pruning.schedule import Schedule
@@ -293,7 +293,10 @@ def validate_artifacts(
         "failures": failures,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    section = {k: v for k, v in report.items() if k not in ("generation_mismatches",)}
+    # The manifest lives in the folder, so it records what was validated (the digest), not where:
+    # a path would name the staging folder after `vpexport build` swaps it into place.
+    section = {k: v for k, v in report.items() if k not in ("generation_mismatches", "artifact_dir")}
+    section["artifact_digest"] = artifact_digest(read_manifest(d, verify=False))
     update_manifest(d, "validation", section)
     return report
 
