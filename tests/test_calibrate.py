@@ -151,7 +151,7 @@ def test_search_fails_cleanly_when_nothing_passes(arch_layout):
 def test_eval_split_never_touched_by_search(mini_recipe, monkeypatch, tmp_path):
     import vpexport.calibrate.search as S
     import vpexport.data as data_mod
-    import vpexport.model.loading as loading
+    import vpexport.runtime.preprocess as loading  # the one image reader every path uses
 
     events = []
     real_load, real_img, real_run = data_mod.load_samples, loading.load_image, S.Search.run
@@ -178,6 +178,7 @@ def test_eval_split_never_touched_by_search(mini_recipe, monkeypatch, tmp_path):
     end = events.index(("search", "end"))
     assert ("samples", "eval.jsonl") not in events[:end]
     assert ("image", "eval") not in events[:end]
+    assert any(e[0] == "image" for e in events[:end]), "the spy saw no image: it watches the wrong reader"
     assert ("samples", "eval.jsonl") in events[end:]
     r = json.loads((out / "schedule.json").read_text())
     assert {"schedule", "flops", "eval", "calibration", "candidates", "published"} <= set(r)

@@ -27,10 +27,9 @@ class Sample:
         try:
             return load_image(self.image, field=field)
         except UserInputError as e:
-            raise UserInputError(f"{self.source}: {e}" if self.source else str(e), field=e.field,
-                                 fix=f"fix or replace the image named on line {self.source.rsplit(':', 1)[-1]}"
-                                 if self.source else e.fix) from None
-
+            if not self.source:
+                raise
+            raise UserInputError(f"{self.source}: {e}", field=e.field, fix="fix or replace the image on that line") from None
 
 def load_samples(path: str | Path, limit: int | None = None, field: str = "task.data") -> list[Sample]:
     path = Path(path)

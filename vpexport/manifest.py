@@ -109,7 +109,7 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict:
             if exp.get("schedule") != sched:
                 raise ArtifactError(f"{directory / MANIFEST}: its schedule is not the one the graphs were exported with "
                                     "(export.schedule)", field="artifacts", fix="re-run `vpexport export`")
-        if "export" in data and graphs == GRAPHS_LOCAL:
+        if "export" in data and graphs == GRAPHS_LOCAL:  # a Triton bls copy carries no onnx/
             # Every file the runtime reads must be in the table: one left out would be used unverified.
             for rel in REQUIRED_FILES:
                 if rel not in data["files"]:

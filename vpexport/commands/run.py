@@ -7,6 +7,7 @@ import json
 
 import click
 
+from vpexport.errors import UserInputError
 from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICES
 
 
@@ -27,8 +28,6 @@ from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICE
               help="Inference precision for --provider openvino (auto: the fastest this CPU runs natively).")
 def run(target, images, prompts, max_new_tokens, as_json, provider, precision):
     """Answer PROMPT about IMAGE with the recipe's pruned PyTorch model."""
-    from vpexport.errors import UserInputError
-
     if len(prompts) not in (1, len(images)):
         raise UserInputError(
             f"{len(prompts)} prompts for {len(images)} images", field="--prompt", fix="give one prompt, or one per --image"
@@ -50,23 +49,18 @@ def run(target, images, prompts, max_new_tokens, as_json, provider, precision):
             click.echo(a["text"])
 
 
-def _check_batch(n: int, batch_max: int, where: str) -> None:
-    from vpexport.errors import UserInputError
-
-    if n > batch_max:
-        raise UserInputError(f"{n} images in one call, more than {where} ({batch_max})", field="--image",
-                             fix=f"give at most {batch_max} images per call, or re-export with export.batch.max >= {n}")
-
-
 def _run_recipe(path, images, prompts, max_new_tokens):
-    from vpexport.errors import UserInputError
-    from vpexport.model.loading import load_image
     from vpexport.model.pipeline import TorchPipeline
     from vpexport.paths import resolve_schedule
     from vpexport.recipe import load_recipe
+    from vpexport.runtime.preprocess import load_image
+    from vpexport.runtime.text_length import check_text_fits
 
     recipe = load_recipe(path)
-    _check_batch(len(images), recipe.export.batch.max, "export.batch.max")
+    if len(images) > recipe.export.batch.max:
+        raise UserInputError(f"{len(images)} images in one call, more than export.batch.max ({recipe.export.batch.max})",
+                             field="--image", fix=f"give at most {recipe.export.batch.max} images per call, or raise "
+                             f"export.batch.max in {path}")
     pics = [load_image(p) for p in images]  # fail on a bad image before loading weights
     arch = recipe.resolve_arch()
     pipe = TorchPipeline.from_recipe(recipe, resolve_schedule(recipe, arch))
@@ -74,14 +68,8 @@ def _run_recipe(path, images, prompts, max_new_tokens):
         pipe.max_new_tokens = max_new_tokens
     # The PyTorch path answers what the exported graphs would answer, so it takes only what they
     # take: a prompt longer than export.text_length.max is refused here as by the artifact path.
-    longest = pipe.longest_text(pics, prompts)
-    if longest > recipe.export.text_length.max:
-        raise UserInputError(
-            f"the prompt has {longest} tokens after the image, more than export.text_length.max "
-            f"({recipe.export.text_length.max})",
-            field="--prompt",
-            fix=f"shorten the question, or raise export.text_length.max to >= {longest} in {path}",
-        )
+    check_text_fits(pipe.longest_text(pics, prompts), recipe.export.text_length.max,
+                    f"shorten the question, or raise export.text_length.max to >= {{longest}} in {path}")
     return [{"text": a.text, "tokens": a.tokens, "kept": a.kept} for a in pipe.answer(pics, prompts)]
 
 

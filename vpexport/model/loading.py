@@ -34,13 +34,6 @@ def load_llava(path: str | Path, dtype: str = "float32"):
     return model, processor
 
 
-def load_image(path: str | Path, field: str = "--image"):
-    """An RGB PIL image (the runtime's reader: one set of checks for every path)."""
-    from vpexport.runtime.preprocess import load_image as _load
-
-    return _load(path, field=field)
-
-
 def render_prompt(template: str, question: str) -> str:
     if IMAGE_PLACEHOLDER in question:
         raise UserInputError(

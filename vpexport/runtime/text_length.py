@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vpexport.errors import ArtifactError
+from vpexport.errors import ArtifactError, UserInputError
 
 
 def text_length_meta(section) -> dict:
@@ -65,3 +65,10 @@ class TextLength:
         if self.mode == "padded":
             return (self.max,)
         return self.buckets if self.buckets is not None else tuple(range(1, self.max + 1))
+
+
+def check_text_fits(longest: int, text_max: int, fix: str) -> None:
+    """UserInputError (exit 2) when a prompt's text after the image is longer than the graphs take."""
+    if longest > text_max:
+        raise UserInputError(f"the prompt has {longest} tokens after the image, more than export.text_length.max ({text_max})",
+                             field="--prompt", fix=fix.format(longest=longest))

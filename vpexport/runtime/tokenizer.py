@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vpexport.errors import UserInputError
+from vpexport.runtime.text_length import check_text_fits
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -78,12 +79,8 @@ class PromptTokenizer:
         rows = [self.encode_one(q) for q in questions]
         head = self.prefix + self.visual
         longest = max(len(r) - head for r in rows)
-        if max_text is not None and longest > max_text:
-            raise UserInputError(
-                f"the prompt has {longest} tokens after the image, more than export.text_length.max ({max_text})",
-                field="--prompt",
-                fix=f"shorten the question, or re-export with export.text_length.max >= {longest}",
-            )
+        if max_text is not None:
+            check_text_fits(longest, max_text, "shorten the question, or re-export with export.text_length.max >= {longest}")
         if callable(pad_to_text):
             pad_to_text = pad_to_text(longest)
         width = head + (pad_to_text if pad_to_text is not None else longest)
