@@ -34,6 +34,11 @@ def test_build_runs_every_stage_then_reuses_them(setup):
         assert "engine: skipped" in r.stderr
     assert (out / "onnx" / "prefill.onnx").is_file() and m["validation"]["passed"] is True
     assert "next:" in r.stdout and f"vpexport run {out}" in r.stdout
+    # The summary says what was built with, and a skip's full reason is printed once (on stderr).
+    assert "schedule: fastv (2:72), from the recipe" in r.stdout
+    if st["engine"]["status"] == "skipped":
+        reason = st["engine"]["reason"]
+        assert reason.split(":")[0] in r.stdout and reason not in r.stdout and reason in r.stderr
     assert not (d / ".art.staging").exists()
 
     again = cli("build", rp, "--out", out)
@@ -62,3 +67,13 @@ def test_failed_build_leaves_no_final_artifact(setup):
     assert "Traceback" not in r.stderr
     assert not out.exists()  # the final folder is only ever a complete build
     assert (d / ".art_fail.staging" / "onnx" / "prefill.onnx").is_file()  # finished stages kept for a re-run
+
+
+def test_summary_names_the_calibrated_schedule(tmp_path):
+    from vpexport.commands.build import _chosen
+
+    (tmp_path / "schedule.json").write_text(json.dumps({
+        "schedule": {"method": "visipruner", "points": [{"layer": 1, "keep": 11}, {"layer": 7, "keep": 0}]},
+        "flops": {"ratio": 0.24541}, "eval": {"accuracy": 0.94333, "unpruned_accuracy": 0.95333, "samples": 300}}))
+    assert _chosen(tmp_path) == ("visipruner (1:11, 7:0), calibrated: exact prefill FLOPs ratio 0.245 (text of "
+                                 "task.text_tokens), eval accuracy 0.9433 against 0.9533 unpruned (300 samples)")

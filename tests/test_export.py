@@ -274,3 +274,21 @@ def test_external_data_over_the_limit(exported, tmp_path, monkeypatch):
     got, _ = ArtifactRuntime.open(tmp_path / "art", threads=1).generate(ids.numpy(), mask.numpy(), px.numpy(), 4)
     ref, _ = pipe.pruned.generate(ids, mask, px, 4, pipe.eos_token_id)
     assert got == ref
+
+
+def test_run_json_kept_is_the_same_on_both_paths(exported, tmp_path):
+    """`run --json`'s `kept` lists the points that keep tokens on the recipe path as on the artifact
+    path (the drop_all point of this schedule has no entry on either)."""
+    from PIL import Image
+
+    rp, art, _ = exported("visipruner")
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.RandomState(3).randint(0, 255, (90, 110, 3), dtype=np.uint8)).save(img)
+    got = {}
+    for target in (rp, art):
+        r = cli("run", target, "--image", img, "--prompt", "what digits?", "--json")
+        assert r.returncode == 0, r.stderr
+        got[target] = json.loads(r.stdout)["answers"][0]
+    a, b = got[rp], got[art]
+    assert len(a["kept"]) == len(b["kept"]) == 1 and len(a["kept"][0]) == 10
+    assert a["kept"] == b["kept"] and a["tokens"] == b["tokens"]

@@ -43,11 +43,10 @@ def score(task: str, preds: list[str], refs: list[str]) -> dict:
 
 def evaluate(answer_fn, samples, task: str, batch_size: int = 16, progress: str | None = None) -> dict:
     """`answer_fn(images, questions) -> list[str]`; returns metrics plus per-sample predictions."""
-    from tqdm import tqdm
-
+    from vpexport.progress import progress as bar_for
 
     preds: list[str] = []
-    bar = tqdm(total=len(samples), desc=progress, disable=progress is None, leave=False, unit="sample")
+    bar = bar_for(total=len(samples), desc=progress or "", unit="sample", enabled=progress is not None)
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         images = [s.load_image("task.data") for s in chunk]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,13 +261,13 @@ class Search:
         return self.make(s.method, pts, s.sink_layers, stage="confirm")
 
     def first_pass(self, cands: list[Candidate], bound: float | None, desc: str) -> Candidate | None:
-        from tqdm import tqdm
+        from vpexport.progress import progress
 
         cands = sorted({c.key: c for c in cands}.values(), key=lambda c: (c.flops, c.schedule.method, c.key))
         if bound is not None:
             cands = [c for c in cands if c.flops < bound]
-        bar = tqdm(cands, desc=desc, unit="cand", disable=not self.progress, leave=False)
-        for c in bar:
+        bar = progress(cands, desc=desc, unit="candidate", enabled=self.progress)
+        for i, c in enumerate(bar):
             c = self.evaluate(c)
             if c.passed:
                 nb = self.neighbour(c)
@@ -274,9 +275,12 @@ class Search:
                     c.passed = False
                     c.stage += " (unconfirmed)"
                     continue
-                bar.close()
+                # Candidates run in increasing FLOPs: the first that passes is the answer, and
+                # the rest need not run. Said, so the stop does not read as an abort.
+                bar.close(f"candidate {i + 1} is within the tolerance (the lowest FLOPs that is); "
+                          "the rest have more FLOPs")
                 return c
-        bar.close()
+        bar.close(None if cands else "no candidate below the bound")
         return None
 
     def prepare(self) -> None:
@@ -344,9 +348,8 @@ class Search:
         shortcut; `score` stops only provable losers), so the order changes the time, not the result:
         from the most FLOPs down, so a good bound comes early, with candidates that share a first
         point (and so their first segment) one after another."""
-        from tqdm import tqdm
-
         from vpexport.calibrate.runner import first_segment
+        from vpexport.progress import progress
 
         cands = [c for c in {c.key: c for c in cands}.values() if c.flops <= budget + 1e-12]
         group = {c.key: first_segment(c.schedule) or c.key for c in cands}
@@ -356,7 +359,7 @@ class Search:
             size[g] = size.get(g, 0) + 1
             top[g] = max(top.get(g, 0.0), c.flops)
         cands.sort(key=lambda c: (-top[group[c.key]], repr(group[c.key]), -c.flops, c.schedule.method, c.key))
-        bar = tqdm(cands, desc=desc, unit="cand", disable=not self.progress, leave=False)
+        bar = progress(cands, desc=desc, unit="candidate", enabled=self.progress)
         for c in bar:
             c = self.score(c, best, share=size[group[c.key]] > 1)
             if c.complete and (best is None or _better(c, best)):
@@ -401,9 +404,8 @@ def _pipeline(recipe):
 
 def run_analysis(recipe, out, samples: int, batch_size: int = 32):
     """`vpexport analyze`: returns (analysis dict, destination folder)."""
-    from tqdm import tqdm
-
     from vpexport.calibrate.analyze import analyze_runner, write_analysis
+    from vpexport.progress import progress
     from vpexport.calibrate.runner import Runner
     from vpexport.data import load_samples
     from vpexport.paths import artifact_dir
@@ -412,9 +414,9 @@ def run_analysis(recipe, out, samples: int, batch_size: int = 32):
     data = load_samples(recipe.require_data("calib"), samples, field="task.data.calib")
     check_images(data, "task.data.calib")
     pipe = _pipeline(recipe)
-    with tqdm(total=len(data), desc="encode", unit="sample", leave=False) as bar:
+    with progress(total=len(data), desc="encode", unit="sample") as bar:
         runner = Runner(pipe, data, recipe.task.type, batch_size, progress=bar)
-    with tqdm(total=len(runner.batches) + runner.L, desc="analyze", leave=False) as bar:
+    with progress(total=len(runner.batches) + runner.L, desc="analyze", unit="step") as bar:
         a = analyze_runner(runner, bar, tolerance=causal_tolerance(recipe))
     a["recipe"] = recipe.name
     return a, write_analysis(a, artifact_dir(recipe, out) / "analysis", recipe.name)
@@ -457,7 +459,7 @@ def sign_test(hi: int, lo: int) -> float:
 
 def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, analysis_samples: int | None = None) -> dict:
     """Search on calib, measure on eval, write schedule.json (or schedule.rejected.json + CalibrationFailed)."""
-    from tqdm import tqdm
+    from vpexport.progress import progress as progress_bar
 
     from vpexport.accounting import paper_flops, prefill_flops
     from vpexport.calibrate.analyze import analyze_runner, write_analysis
@@ -488,11 +490,11 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     dest = artifact_dir(recipe, out)
     dest.mkdir(parents=True, exist_ok=True)
 
-    with tqdm(total=len(calib), desc="encode calib", unit="sample", leave=False, disable=not progress) as bar:
+    with progress_bar(total=len(calib), desc="encode calib", unit="sample", enabled=progress) as bar:
         rc = Runner(pipe, calib, task, batch_size, progress=bar)
     # analysis on the calibration cache seeds the search
     t_an = time.perf_counter()
-    with tqdm(total=len(rc.batches) + rc.L, desc="analyze", leave=False, disable=not progress) as bar:
+    with progress_bar(total=len(rc.batches) + rc.L, desc="analyze", unit="step", enabled=progress) as bar:
         analysis = analyze_runner(rc, bar, tolerance=causal_tolerance(recipe))
     analysis["recipe"] = recipe.name
     write_analysis(analysis, dest / "analysis", recipe.name)
@@ -527,7 +529,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     rc.drop_caches()
     t_e = time.perf_counter()
     evals = load_samples(eval_path, None, field="task.data.eval")
-    with tqdm(total=len(evals), desc="encode eval", unit="sample", leave=False, disable=not progress) as bar:
+    with progress_bar(total=len(evals), desc="encode eval", unit="sample", enabled=progress) as bar:
         re_ = Runner(pipe, evals, task, batch_size, progress=bar)
     eval_dense = accuracy(re_.dense().scores)
     chosen = best.schedule
@@ -553,6 +555,10 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
         if not cfg.compare or p["method"] not in COMPARED or dominates(flops_of(chosen)["ratio"], ev["accuracy"], p):
             continue
         t_m = time.perf_counter()
+        if progress:
+            print(f"[calibrate] equal-FLOPs comparison: the best schedule at {p['method']}'s published FLOPs ratio "
+                  f"{p['flops']['ratio']:.3f}, for calibration.md (`pruning.calibrate.compare: false` skips it)",
+                  file=sys.stderr, flush=True)
         c = search.run_budget(p["flops"]["ratio"])
         if c is not None:
             matched.append({"against": p["method"], "schedule": c.schedule.to_dict(), "flops": flops_of(c.schedule),

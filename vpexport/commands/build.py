@@ -35,16 +35,48 @@ def build(recipe_path, out, force, as_json):
     click.echo(f"\nbuilt {recipe.name} -> {d}")
     for name, rec in res["stages"].items():
         extra = " (reused)" if rec.get("reused") else (f" ({rec['seconds']} s)" if "seconds" in rec else "")
-        why = f": {rec['reason']}" if rec.get("reason") else ""
+        # The full reason was logged when the stage was skipped; here its first clause.
+        why = f": {rec['reason'].split(':')[0]}" if rec.get("reason") else ""
         click.echo(f"  {name:10} {rec['status']}{extra}{why}")
+    chosen = _chosen(d)
+    if chosen:
+        click.echo(f"schedule: {chosen}")
     click.echo("artifacts:")
     for rel, info in res["manifest"]["files"].items():
         if rel.endswith((".onnx", ".plan", ".json", ".pbtxt")) and "/" in rel and not rel.startswith("triton/"):
             click.echo(f"  {d / rel}  {_size(info['size'])}")
-    if (d / "triton").is_dir():
-        click.echo(f"  {d / 'triton'}/  (Triton model repository)")
+    for rel, what in (("schedule.json", "the calibrated schedule"), ("calibration.md", "the calibration report"),
+                      ("analysis", "the attention analysis and its plots"), ("triton", "Triton model repository")):
+        if (d / rel).is_file():
+            click.echo(f"  {d / rel}  {_size((d / rel).stat().st_size)}  ({what})")
+        elif (d / rel).is_dir():
+            click.echo(f"  {d / rel}/  ({what})")
     click.echo("next:")
     click.echo(f"  vpexport run {d} --image IMAGE.png --prompt 'QUESTION'")
     click.echo(f"  vpexport bench {d}")
     if res["stages"].get("engine", {}).get("status") != "done":
         click.echo(f"  vpexport engine {d}   # on the target NVIDIA GPU / Jetson")
+
+
+def _chosen(d: Path) -> str | None:
+    """One line on the schedule the artifact was built with: from schedule.json when calibrated
+    (method, points, exact prefill FLOPs ratio, eval accuracy against unpruned), else the recipe's."""
+    from vpexport.manifest import read_manifest
+
+    try:
+        cal = json.loads((d / "schedule.json").read_text())
+    except (OSError, ValueError):
+        cal = None
+    sched = cal["schedule"] if cal else (read_manifest(d, verify=False).get("schedule") or {})
+    if not sched:
+        return None
+    pts = ", ".join(f"{p['layer']}:{p['keep']}" for p in sched.get("points", [])) or "no prune points"
+    line = f"{sched.get('method')} ({pts})"
+    if cal:
+        ev, fl = cal.get("eval", {}), cal.get("flops", {})
+        line += (f", calibrated: exact prefill FLOPs ratio {fl.get('ratio', float('nan')):.3f} (text of "
+                 f"task.text_tokens), eval accuracy {ev.get('accuracy', float('nan')):.4f} against "
+                 f"{ev.get('unpruned_accuracy', float('nan')):.4f} unpruned ({ev.get('samples')} samples)")
+    else:
+        line += ", from the recipe"
+    return line

@@ -10,7 +10,8 @@ import click
 
 @click.command("eval")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path())
-@click.option("--split", type=click.Choice(["eval", "calib"]), default="eval", show_default=True)
+@click.option("--split", type=click.Choice(["eval", "calib"]), default="eval", show_default=True,
+              help="Which of the recipe's task.data files to evaluate on.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--out", type=click.Path(), default=None, help="Artifact folder holding a calibrated schedule.json.")

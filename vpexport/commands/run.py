@@ -12,7 +12,7 @@ from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICE
 
 
 @click.command()
-@click.argument("target", type=click.Path())
+@click.argument("target", metavar="RECIPE|ARTIFACT_DIR", type=click.Path())
 @click.option("--image", "images", multiple=True, required=True, help="Image file; repeat for a batch.")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Question; one, or one per --image.")
 @click.option("--max-new-tokens", type=int, default=None, help="Override the recipe's task.max_new_tokens.")
@@ -27,7 +27,12 @@ from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICE
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
               help="Inference precision for --provider openvino (auto: the fastest this CPU runs natively).")
 def run(target, images, prompts, max_new_tokens, as_json, provider, precision):
-    """Answer PROMPT about IMAGE with the recipe's pruned PyTorch model."""
+    """Answer each --prompt about its --image.
+
+    TARGET is a recipe (the pruned PyTorch model, with the recipe's calibrated schedule when one is
+    on disk) or an artifact folder from `vpexport export` / `build` (its ONNX graphs on --provider,
+    without torch). `--json` gives per answer its text, tokens and `kept`: per prune point that keeps
+    tokens, the original indices of the visual tokens kept there."""
     if len(prompts) not in (1, len(images)):
         raise UserInputError(
             f"{len(prompts)} prompts for {len(images)} images", field="--prompt", fix="give one prompt, or one per --image"
@@ -70,7 +75,11 @@ def _run_recipe(path, images, prompts, max_new_tokens):
     # take: a prompt longer than export.text_length.max is refused here as by the artifact path.
     check_text_fits(pipe.longest_text(pics, prompts), recipe.export.text_length.max,
                     f"shorten the question, or raise export.text_length.max to >= {{longest}} in {path}")
-    return [{"text": a.text, "tokens": a.tokens, "kept": a.kept} for a in pipe.answer(pics, prompts)]
+    # `kept` as the artifact path gives it: one list per prune point that keeps tokens (a drop_all
+    # point keeps none, and the exported graph has no kept output for it).
+    keeps = [pt.rule != "drop_all" for pt in pipe.pruned.schedule.points]
+    return [{"text": a.text, "tokens": a.tokens, "kept": [k for k, on in zip(a.kept, keeps) if on]}
+            for a in pipe.answer(pics, prompts)]
 
 
 def _run_artifacts(path, images, prompts, max_new_tokens, provider, precision):
