@@ -72,3 +72,18 @@ def test_evaluate_writes_plain_progress_to_a_log(capsys):
     assert "\r" not in err
     assert err.splitlines()[0] == "[eval] 0/3 samples"
     assert err.splitlines()[-1].startswith("[eval] done, 3 samples in ")
+
+
+def test_calibration_search_says_why_it_stops_early(capsys):
+    """The coarse/fine pass ends at its first passing candidate: the log says so, with the count."""
+    from types import SimpleNamespace as NS
+
+    from vpexport.calibrate.search import Search
+
+    cands = [NS(key=i, flops=i / 10, schedule=NS(method="fastv"), passed=i >= 3, stage="coarse") for i in range(8)]
+    fake = NS(progress=True, evaluate=lambda c: c, neighbour=lambda c: None)
+    got = Search.first_pass(fake, cands, None, "calibrate coarse")
+    assert got.key == 3
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("[calibrate coarse] stopped at 4/8 after ")
+    assert last.endswith(": candidate 4, in increasing FLOPs, is the first within the tolerance; the rest need not run")

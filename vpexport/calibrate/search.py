@@ -277,8 +277,9 @@ class Search:
                     continue
                 # Candidates run in increasing FLOPs: the first that passes is the answer, and
                 # the rest need not run. Said, so the stop does not read as an abort.
-                bar.close(f"candidate {i + 1} is within the tolerance (the lowest FLOPs that is); "
-                          "the rest have more FLOPs")
+                bar.update(1)  # this candidate is done too
+                bar.close(f"candidate {i + 1}, in increasing FLOPs, is the first within the tolerance; "
+                          "the rest need not run")
                 return c
         bar.close(None if cands else "no candidate below the bound")
         return None
