@@ -87,3 +87,17 @@ def test_calibration_search_says_why_it_stops_early(capsys):
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith("[calibrate coarse] stopped at 4/8 after ")
     assert last.endswith(": candidate 4, in increasing FLOPs, is the first within the tolerance; the rest need not run")
+
+
+def test_no_weight_loading_bar_in_a_log():
+    """transformers' own bar is off when stderr is not a terminal (a subprocess pipe here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("from vpexport.model.loading import load_llava; "
+            f"load_llava({str(root / 'vpexport/testbed/checkpoints/mini-llava')!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert "Loading weights" not in r.stderr and "\r" not in r.stderr

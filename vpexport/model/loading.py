@@ -19,6 +19,7 @@ def load_llava(path: str | Path, dtype: str = "float32"):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserInputError(f"{path} has no config.json", field="model.path", fix="give a save_pretrained directory")
+    _quiet_bars_in_logs()
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
             path, dtype=getattr(torch, DTYPES[dtype]), attn_implementation="sdpa"
@@ -32,6 +33,21 @@ def load_llava(path: str | Path, dtype: str = "float32"):
         ) from None
     processor.tokenizer.padding_side = "right"
     return model, processor
+
+
+def _quiet_bars_in_logs() -> None:
+    """transformers' weight-loading bar redraws with carriage returns; in a log file (stderr not a
+    terminal) it is one long line, so it is turned off there (vpexport.progress prints plain lines)."""
+    import sys
+
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    if not terminal:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def render_prompt(template: str, question: str) -> str:
