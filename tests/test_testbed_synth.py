@@ -51,3 +51,30 @@ def test_cli_help_and_bad_arch():
     assert r.exit_code == 0 and "synth" in r.output and "train" in r.output
     r = CliRunner().invoke(cli, ["testbed", "synth", "--arch", "nope", "--out", "x"])
     assert isinstance(r.exception, UserInputError)
+
+
+def test_missing_standin_message_gives_the_command_that_creates_it(tmp_path):
+    """A recipe whose stand-in does not exist yet names the exact `testbed synth` command; running
+    that command as printed makes the recipe usable."""
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.artifact_helpers import cli
+
+    rp = tmp_path / "syn.yaml"
+    rp.write_text((
+        "name: syn\nmodel:\n  path: standin\n  synth: {arch: llava-1.5-7b, layers: 2, hidden: 64, vision_layers: 1, seed: 3}\n"
+        "task: {type: vqa, prompt: \"USER: <image>\\n{question} ASSISTANT:\", text_tokens: 12}\n"
+        "pruning: {method: fastv, points: [{layer: 1, keep: 100}]}\n"))
+    r = cli("plan", rp)
+    assert r.returncode == 2 and "has not been created yet" in r.stderr
+    cmd = r.stderr.split("or `")[-1].split("`")[0]
+    assert cmd.startswith("vpexport testbed synth --arch llava-1.5-7b --out ")
+    assert "--layers 2 --hidden 64 --vision-layers 1" in cmd and "--seed 3" in cmd and "--dtype fp32" in cmd
+    made = subprocess.run([sys.executable, "-m", "vpexport", *shlex.split(cmd)[1:]], capture_output=True, text=True,
+                          timeout=600)
+    assert made.returncode == 0, made.stderr[-1000:]
+    assert (tmp_path / "standin" / "config.json").is_file()
+    r = cli("plan", rp)
+    assert r.returncode == 0, r.stderr[-1000:]

@@ -169,6 +169,16 @@ class Recipe(RecipeModel):
     def model_dir(self) -> Path | None:
         return Path(self.model.path) if self.model.path else None
 
+    def synth_command(self) -> str:
+        """The `vpexport testbed synth` command that creates this recipe's stand-in (model.synth)."""
+        syn = self.model.synth
+        dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.model.dtype]
+        cmd = f"vpexport testbed synth --arch {syn.arch} --out {self.model.path} --dtype {dtype} --seed {syn.seed}"
+        for flag, value in (("--layers", syn.layers), ("--hidden", syn.hidden), ("--vision-layers", syn.vision_layers)):
+            if value is not None:
+                cmd += f" {flag} {value}"
+        return cmd
+
     # ------------------------------------------------------------ arch / layout / schedule
     def resolve_arch(self) -> ArchSpec:
         if self._arch is None:
@@ -178,7 +188,7 @@ class Recipe(RecipeModel):
                 raise RecipeError(
                     f"the random-weight stand-in at {self.model.path} has not been created yet",
                     field="model.synth",
-                    fix=f"run `vpexport build {self.source or 'RECIPE'}` (it creates it) or `vpexport testbed synth`",
+                    fix=f"run `vpexport build {self.source or 'RECIPE'}` (it creates it) or `{self.synth_command()}`",
                 )
             else:
                 try:
