@@ -63,9 +63,23 @@ def render_prompt(template: str, question: str) -> str:
 def encode(processor, template: str, questions: list[str], images: list, pad_to: int | None = None):
     """input_ids / attention_mask (right-padded) and pixel_values, as torch tensors."""
     prompts = [render_prompt(template, q) for q in questions]
+    _check_known(processor.tokenizer, questions)
     kw = {"padding": "max_length", "max_length": pad_to, "truncation": False} if pad_to else {"padding": True}
     enc = processor(text=prompts, images=images, return_tensors="pt", **kw)
     return enc["input_ids"], enc["attention_mask"], enc["pixel_values"]
+
+
+def _check_known(tokenizer, questions: list[str]) -> None:
+    """Warn once when a question has words the tokenizer reads as its unknown token."""
+    from vpexport.runtime.unknown_words import unknown_words, warn_unknown
+
+    if tokenizer.unk_token_id is None or not getattr(tokenizer, "is_fast", False):
+        return  # offsets (to name the words) come only from fast tokenizers
+    words = []
+    for q in questions:
+        enc = tokenizer(q, add_special_tokens=False, return_offsets_mapping=True)
+        words += unknown_words(q, enc["input_ids"], enc["offset_mapping"], tokenizer.unk_token_id)
+    warn_unknown(words, tokenizer.unk_token or "<unk>")
 
 
 def prefix_length(input_ids, image_token_id: int) -> int:

@@ -77,6 +77,7 @@ class PromptTokenizer:
         `pad_to_text` (an int, or a callable from the longest text length to the width, e.g.
         `TextLength.width`), or the longest text when None."""
         rows = [self.encode_one(q) for q in questions]
+        self._check_known(questions)
         head = self.prefix + self.visual
         longest = max(len(r) - head for r in rows)
         if max_text is not None:
@@ -90,6 +91,18 @@ class PromptTokenizer:
             ids[i, : len(r)] = r
             mask[i, : len(r)] = 1
         return ids, mask
+
+    def _check_known(self, questions: list[str]) -> None:
+        from vpexport.runtime.unknown_words import unknown_words, warn_unknown
+
+        unk = self.special.get("unk_token_id")
+        if unk is None:
+            return
+        words = []
+        for q in questions:
+            enc = self.tok.encode(q, add_special_tokens=False)
+            words += unknown_words(q, enc.ids, enc.offsets, int(unk))
+        warn_unknown(words, self.special.get("unk_token") or "<unk>")
 
     def decode(self, tokens: list[int]) -> str:
         s = self.tok.decode(list(tokens), skip_special_tokens=True)
