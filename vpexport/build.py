@@ -123,10 +123,9 @@ def ensure_model(recipe, log) -> None:
     from vpexport.testbed.synth import synth
 
     log(f"[build] creating the random-weight stand-in {syn.arch} at {recipe.model.path} (speed work only)")
-    dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[recipe.model.dtype]
     target = Path(recipe.model.path)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    synth(syn.arch, tmp, layers=syn.layers, hidden=syn.hidden, vision_layers=syn.vision_layers, dtype=dtype, seed=syn.seed)
+    synth(syn.arch, tmp, layers=syn.layers, hidden=syn.hidden, vision_layers=syn.vision_layers, dtype=recipe.synth_dtype, seed=syn.seed)
     tmp.rename(target)
 
 

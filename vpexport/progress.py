@@ -34,7 +34,7 @@ class Progress:
         self._bar = None
         if not enabled:
             return
-        if _is_terminal(self.stream):
+        if is_terminal(self.stream):
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=self.stream)
@@ -94,13 +94,11 @@ class Progress:
         print(f"[{self.desc}] {text}" if self.desc else text, file=self.stream, flush=True)
 
 
-def _is_terminal(stream) -> bool:
+def is_terminal(stream) -> bool:
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
 
 
-def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True,
-             stream=None) -> Progress:
-    return Progress(iterable, total, desc, unit, enabled, stream)
+progress = Progress  # the name call sites use, as with tqdm

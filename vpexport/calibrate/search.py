@@ -406,10 +406,10 @@ def _pipeline(recipe):
 def run_analysis(recipe, out, samples: int, batch_size: int = 32):
     """`vpexport analyze`: returns (analysis dict, destination folder)."""
     from vpexport.calibrate.analyze import analyze_runner, write_analysis
-    from vpexport.progress import progress
     from vpexport.calibrate.runner import Runner
     from vpexport.data import load_samples
     from vpexport.paths import artifact_dir
+    from vpexport.progress import progress
 
     set_threads()
     data = load_samples(recipe.require_data("calib"), samples, field="task.data.calib")

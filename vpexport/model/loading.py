@@ -40,11 +40,9 @@ def _quiet_bars_in_logs() -> None:
     terminal) it is one long line, so it is turned off there (vpexport.progress prints plain lines)."""
     import sys
 
-    try:
-        terminal = sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        terminal = False
-    if not terminal:
+    from vpexport.progress import is_terminal
+
+    if not is_terminal(sys.stderr):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

@@ -169,11 +169,16 @@ class Recipe(RecipeModel):
     def model_dir(self) -> Path | None:
         return Path(self.model.path) if self.model.path else None
 
+    @property
+    def synth_dtype(self) -> str:
+        """model.dtype in `vpexport testbed synth`'s spelling (fp32, fp16, bf16)."""
+        return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.model.dtype]
+
     def synth_command(self) -> str:
         """The `vpexport testbed synth` command that creates this recipe's stand-in (model.synth)."""
         syn = self.model.synth
-        dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.model.dtype]
-        cmd = f"vpexport testbed synth --arch {syn.arch} --out {self.model.path} --dtype {dtype} --seed {syn.seed}"
+        cmd = (f"vpexport testbed synth --arch {syn.arch} --out {self.model.path} --dtype {self.synth_dtype} "
+               f"--seed {syn.seed}")
         for flag, value in (("--layers", syn.layers), ("--hidden", syn.hidden), ("--vision-layers", syn.vision_layers)):
             if value is not None:
                 cmd += f" {flag} {value}"
