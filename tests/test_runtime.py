@@ -358,3 +358,30 @@ def test_exit_3_on_manifest_of_unknown_format_or_bad_file_entry(setup, tmp_path,
     r = _run(art, tmp_path)
     assert r.returncode == 3 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr
     assert json.loads(f.read_text()) == m  # refused, not rewritten
+
+
+def test_openvino_merges_parallel_projections_and_matches_onnx_runtime(setup):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    from vpexport.runtime import ArtifactRuntime
+
+    rt = ArtifactRuntime.open(setup["art"], provider="openvino", threads=1, precision="f32")
+    ref = ArtifactRuntime.open(setup["art"], threads=1)
+    imgs, qs = _images(2, seed=11), QUESTIONS[:2]
+    ids, mask, px = rt.encode(imgs, qs)
+    a, b = rt.prefill(ids, mask, rt.encode_image(px)), ref.prefill(ids, mask, ref.encode_image(px))
+    layers = rt.num_layers
+    # q/k/v (2 merged away) and the gated MLP's gate/up (1) in every layer, in both decoder graphs
+    assert rt.graphs.merged["prefill"] >= 3 * layers
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-4, rtol=1e-3)
+    for x, y in zip(a.kept, b.kept):
+        np.testing.assert_array_equal(x, y)
+    ca, cb = rt.start_cache(a, mask, 3), ref.start_cache(b, mask, 3)
+    nxt = a.logits.argmax(-1).astype(np.int64)[:, None]
+    pos = (rt.prefix + rt.visual + a.text_len).astype(np.int64)[:, None]
+    for step in range(3):
+        la, lb = rt.decode(nxt, pos + step, ca), ref.decode(nxt, pos + step, cb)
+        np.testing.assert_allclose(la, lb, atol=1e-4, rtol=1e-3)
+    assert rt.graphs.merged["decode"] >= 3 * layers
+    for (ka, va), (kb, vb) in zip(ca.views(), cb.views()):
+        np.testing.assert_allclose(ka, kb, atol=1e-4, rtol=1e-3)
+        np.testing.assert_allclose(va, vb, atol=1e-4, rtol=1e-3)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from vpexport.errors import ArtifactError, RuntimeUnavailable, UserInputError
 
 PROVIDERS = {
@@ -59,9 +61,14 @@ def make_session(path: str | Path, provider: str = "cpu", threads: int | None = 
 
 
 class Graphs:
-    """The three sessions of an artifact folder; `run(name, feeds) -> {output name: array}`."""
+    """The three sessions of an artifact folder; `run(name, feeds) -> {output name: array}`.
+
+    ONNX Runtime sessions run through an IO binding per input shape (`_Binding`) after the first
+    call with that shape; other sessions with ORT's interface (TensorRT's) through `run`.
+    """
 
     NAMES = ("vision", "prefill", "decode")
+    MAX_SHAPES = 4
 
     def __init__(self, onnx_dir: str | Path, provider: str = "cpu", threads: int | None = None):
         self._bind({n: make_session(Path(onnx_dir) / f"{n}.onnx", provider, threads) for n in self.NAMES})
@@ -71,8 +78,62 @@ class Graphs:
         self.sessions = sessions
         self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in sessions.items()}
         self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in sessions.items()}
+        self._bindings: dict = {n: {} for n in sessions}
 
     def run(self, name: str, feeds: dict) -> dict:
         s = self.sessions[name]
-        outs = s.run(None, {k: feeds[k] for k in self.inputs[name]})
-        return dict(zip(self.outputs[name], outs))
+        feeds = {k: feeds[k] for k in self.inputs[name]}
+        if not hasattr(s, "io_binding"):
+            return dict(zip(self.outputs[name], s.run(None, feeds)))
+        key = tuple((np.shape(a), getattr(a, "dtype", None)) for a in feeds.values())
+        cache = self._bindings[name]
+        b = cache.get(key)
+        if b is not None:
+            cache[key] = cache.pop(key)  # most recently used last
+            return b.run(feeds)
+        # The first call with these shapes runs plainly: its outputs give the shapes to bind.
+        out = dict(zip(self.outputs[name], s.run(None, feeds)))
+        if len(cache) >= self.MAX_SHAPES:
+            cache.pop(next(iter(cache)))
+        cache[key] = _Binding(s, out)
+        return out
+
+
+class _Binding:
+    """An ONNX Runtime IO binding for one set of input shapes, reused call after call.
+
+    Inputs under `SMALL_INPUT` bytes (token, position, mask) are copied into arrays the binding
+    owns; larger ones (the caches) are bound over the caller's arrays, no copy, and re-bound only
+    when the caller passes a different array. Outputs are written into arrays bound once and copied
+    out of them. On the LLaVA-1.5-scale stand-in's decode step (67 inputs, 65 outputs) this is
+    ~0.8 ms of a ~29 ms step less than `session.run`, which converts every input and allocates
+    every output per call.
+    """
+
+    SMALL_INPUT = 64 * 1024
+
+    def __init__(self, session, outputs: dict):
+        self.session, self.io = session, session.io_binding()
+        self.bound: dict = {}  # input name -> the caller's array bound to it
+        self.owned: dict = {}  # input name -> this binding's array, values copied in per call
+        self.results = {n: np.empty_like(a) for n, a in outputs.items()}
+        for n, a in self.results.items():
+            self.io.bind_output(n, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+
+    def run(self, feeds: dict) -> dict:
+        for k, a in feeds.items():
+            own = self.owned.get(k)
+            if own is not None:
+                np.copyto(own, a)
+                continue
+            if self.bound.get(k) is a:
+                continue
+            a = np.ascontiguousarray(a)
+            if a.nbytes <= self.SMALL_INPUT:
+                a = self.owned[k] = a.copy()
+            else:
+                self.bound[k] = a  # held so its memory outlives the binding
+            self.io.bind_input(k, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        self.session.run_with_iobinding(self.io)
+        # Copied: the next call writes into the same arrays.
+        return {n: a.copy() for n, a in self.results.items()}
