@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from vpexport.methods import RULES
+from vpexport.methods.base import ReferenceInputs
 from vpexport.pruning.schedule import Schedule
 
 
@@ -47,23 +49,14 @@ def _attention(layer, h, pos, allowed, rotary, sink_mode, p, n, nh, nkv):
     out = (probs @ v).transpose(1, 2).reshape(b, l, nh * hd)
     h = h + a.o_proj(out)
     h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return h, probs, v
+    return h, probs, k, v
 
 
-def _scores(rule, probs, v, p, n, last, text_valid):
-    """probs (H, L, L) of one sample; returns (n,) scores over the current visual span."""
-    vis = slice(p, p + n)
-    if rule == "last_token_attention":
-        return probs[:, last, vis].mean(0)
-    if rule == "text_attention":
-        rows = [r for r in range(p + n, probs.shape[1]) if text_valid[r - p - n]]
-        return probs[:, rows][:, :, vis].sum(1).mean(0)
-    if rule == "visual_attention":
-        return probs[:, vis, vis].sum(1).mean(0)
-    if rule == "value_contribution":
-        c = probs[:, last, vis][:, :, None] * v[:, vis]  # (H, n, hd)
-        return c.permute(1, 0, 2).reshape(n, -1).norm(dim=-1)
-    raise ValueError(rule)
+def _scores(rule, probs, k, v, hidden, p, n, last, text_valid, keep):
+    """Layer K-1 of one sample (probs (H, L, L), k / v (H, L, hd), hidden (L, d) after the final
+    norm); returns (n,) scores over the current visual span: each rule's own plain reference
+    (`Rule.reference`), independent of the batched in-graph `Rule.score`."""
+    return RULES[rule].reference(ReferenceInputs(probs, v, p, n, last, text_valid, k, hidden, keep))
 
 
 @torch.no_grad()
@@ -82,7 +75,7 @@ def reference_forward(model, ids, mask, feats, prefix, schedule: Schedule, fixed
         pos = list(range(valid))
         vis = list(range(n_full))  # original visual indices present
         text_valid = [1] * (valid - prefix - n_full)
-        kept_b, probs, v = [], None, None
+        kept_b, probs, k, v = [], None, None, None
         points = {pt.layer: (j, pt) for j, pt in enumerate(schedule.points)}
         for i, layer in enumerate(lm.layers):
             n = len(vis)
@@ -90,12 +83,13 @@ def reference_forward(model, ids, mask, feats, prefix, schedule: Schedule, fixed
                 j, pt = points[i]
                 if fixed_kept is not None:
                     chosen = list(fixed_kept[j][b])
-                elif pt.rule == "drop_all":
+                elif RULES[pt.rule].kind == "drop":
                     chosen = []
-                elif pt.rule in ("random", "uniform"):
+                elif RULES[pt.rule].kind == "fixed":
                     raise ValueError("index-only rules need fixed_kept")
                 else:
-                    s = _scores(pt.rule, probs[0], v[0], prefix, n, h.shape[1] - 1, text_valid)
+                    s = _scores(pt.rule, probs[0], k[0], v[0], lm.norm(h)[0], prefix, n, h.shape[1] - 1, text_valid,
+                                pt.keep)
                     top = sorted(torch.topk(s, pt.keep).indices.tolist())
                     chosen = [vis[t] for t in top]
                 keep_pos = list(range(prefix)) + [prefix + vis.index(c) for c in chosen] + list(
@@ -110,7 +104,7 @@ def reference_forward(model, ids, mask, feats, prefix, schedule: Schedule, fixed
             sink = None
             if i < schedule.sink_layers:
                 sink = "redirect" if i == 0 else "mask"
-            h, probs, v = _attention(
+            h, probs, k, v = _attention(
                 layer, h, torch.tensor([pos]), allowed, lm.rotary_emb, sink, prefix, len(vis), nh, nkv
             )
         h = lm.norm(h)

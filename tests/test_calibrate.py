@@ -530,7 +530,7 @@ def test_resumed_prefill_equals_prefill(mini_recipe, share):
     from vpexport.calibrate.search import _pipeline
     from vpexport.data import load_samples
     from vpexport.model.pruned import PrunedLlava
-    from vpexport.pruning.methods import METHODS
+    from vpexport.methods import METHODS
     from vpexport.recipe import load_recipe
 
     recipe = load_recipe(mini_recipe)

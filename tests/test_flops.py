@@ -17,7 +17,7 @@ from vpexport.accounting import (
 from vpexport.arch.builtin import BUILTIN_ARCHS
 from vpexport.arch.layout import PromptLayout
 from vpexport.arch.spec import ArchSpec, TextSpec, VisionSpec
-from vpexport.pruning.methods import METHODS
+from vpexport.methods import METHODS
 from vpexport.pruning.schedule import Schedule
 from vpexport.recipe import load_recipe
 

@@ -13,7 +13,7 @@ import yaml
 
 from vpexport.accounting import kv_cache_bytes, paper_flops, prefill_flops
 from vpexport.cli import main
-from vpexport.pruning.methods import METHODS
+from vpexport.methods import METHODS
 from vpexport.recipe import auto_candidates, load_recipe, methods_markdown
 
 ROOT = Path(__file__).resolve().parents[1]

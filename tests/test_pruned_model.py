@@ -8,7 +8,7 @@ import torch
 from tests.reference import reference_forward, reference_generate
 from tests.tiny import FAMILIES, make_batch, tiny_llava
 from vpexport.model.pruned import PrunedLlava
-from vpexport.pruning.methods import METHODS
+from vpexport.methods import METHODS
 from vpexport.pruning.schedule import PrunePoint, Schedule
 
 PREFIX = 5
@@ -69,6 +69,8 @@ SCHEDULES = {
     "visipruner": METHODS["visipruner"].schedule([(2, 5), (3, 0)], sink_layers=1),
     "random": METHODS["random"].schedule([(2, 9)], seed=3),
     "uniform": METHODS["uniform"].schedule([(1, 9)]),
+    # 4 visual + 4 text pivots (3 for the 3-token prompt): 19 kept, pivots take unequal counts
+    "dart": METHODS["dart"].schedule([(2, 19)]),
 }
 
 

@@ -109,3 +109,22 @@ def test_validate_openvino_f32_passes_with_full_precision_checks(good):
 def test_validate_precision_on_a_fixed_precision_provider_is_one_line(good):
     r = cli("validate", good, "--provider", "cpu", "--precision", "bf16")
     assert r.returncode == 2 and "--precision" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dart_exports_validates_and_runs_without_torch_from_the_cli(tmp_path):
+    """The attention-free method end to end: export, validate (every output, kept indices, all
+    generations), and the torch-free runtime answering with the same kept indices as PyTorch."""
+    d = tmp_path
+    ckpt = build_checkpoint(d / "mini")
+    ev = make_eval(d / "data", n=4)
+    rp = write_recipe(d / "dart.yaml", ckpt, "dart", eval_file=ev, samples=4)
+    r = cli("export", rp, "--out", d / "art")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("validate", d / "art", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout)
+    assert rep["passed"] and rep["kept_indices_equal"] is True and rep["generation_match_rate"] == 1.0
+    img = sorted((d / "data").rglob("*.png"))[0]
+    runs = [json.loads(cli("run", t, "--image", img, "--prompt", "what is it", "--json").stdout) for t in (rp, d / "art")]
+    kept = [x["answers"][0]["kept"] for x in runs]
+    assert kept[0] == kept[1] and len(kept[0][0]) == 40

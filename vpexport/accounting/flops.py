@@ -56,19 +56,13 @@ def decoder_layer_flops(t: TextSpec, n: int, kv_len: int | None = None) -> dict[
 
 
 def scoring_flops(rule: str, t: TextSpec, n: int, text: int, visual_in: int) -> int:
-    """Extra FLOPs of one prune point's scoring (per sample); read from layer K-1's tensors."""
-    qd = t.heads * t.head_dim
-    if rule == "last_token_attention":
-        return 2 * 1 * n * qd
-    if rule == "text_attention":
-        return 2 * text * n * qd
-    if rule == "visual_attention":
-        return 2 * visual_in * n * qd
-    if rule == "value_contribution":
-        return 2 * 1 * n * qd + 2 * visual_in * qd
-    if rule in ("random", "uniform", "drop_all"):
-        return 0
-    raise ValueError(f"unknown scoring rule {rule!r}")
+    """Extra FLOPs of one prune point's scoring (per sample); read from layer K-1's tensors. Each
+    rule states its own (vpexport/methods)."""
+    from vpexport.methods import RULES
+
+    if rule not in RULES:
+        raise ValueError(f"unknown scoring rule {rule!r}")
+    return RULES[rule].flops(t, n, text, visual_in)
 
 
 def vision_flops(arch: ArchSpec, batch: int = 1) -> dict[str, int]:

@@ -99,7 +99,7 @@ def layer_stats(pl: PrunedLlava, ids, mask, feats) -> list[dict]:
     out = []
 
     # The layers run through PrunedLlava.run_layers; each layer's q/k/v are observed here.
-    def observe(i, state, q, kr, vr, allowed, last_idx):
+    def observe(i, state, q, kr, vr, allowed, last_idx, h_out):
         logits = torch.matmul(q, kr.transpose(-1, -2)) / math.sqrt(pl.head_dim)
         probs = torch.softmax(logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).float(), dim=-1)
         attn = torch.matmul(probs, vr)  # (B, H, S, hd)

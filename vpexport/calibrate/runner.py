@@ -25,9 +25,12 @@ import torch
 
 from vpexport.evaluation import exact_match, token_f1
 from vpexport.model.pruned import DecoderState, PrunedLlava
+from vpexport.methods import RULES, scoring_rules
+from vpexport.methods.base import ScoreInputs
 from vpexport.pruning.schedule import Schedule
 
-SCORE_RULES = ("last_token_attention", "text_attention", "visual_attention", "value_contribution")
+# Rules whose scores the dense pass records at every layer (the ones that score from layer K-1).
+SCORE_RULES = tuple(scoring_rules())
 
 
 def sample_score(task: str, pred: str, ref: str) -> float:
@@ -130,11 +133,19 @@ class Runner:
         """`run_layers` observer recording what a later prune point resumes from: the hidden state
         entering each layer and every rule's score read from it (the maths of run_layers' own call)."""
 
-        def observe(i, st, q, kr, vr, allowed, last_idx):
+        def observe(i, st, q, kr, vr, allowed, last_idx, h_out):
             h_in[i] = st.h
             if i >= sink and i < self.L - 1 and st.n > 0:  # a point at i + 1 must come after the sink stage
-                for rule in SCORE_RULES:
-                    scores[(rule, i)] = pl._score(rule, q, kr, vr, allowed, st.key_valid, last_idx, self.p, st.n)
+                for name in SCORE_RULES:
+                    rule = RULES[name]
+                    if rule.keep_dependent:
+                        # Scored per candidate (its keep) at resumption, from the tensors it reads:
+                        # the keys and output this pass keeps anyway, not the layer's q / v / mask.
+                        scores[(name, i)] = ScoreInputs(None, kr, None, None, st.key_valid, last_idx, self.p,
+                                                        st.n, h_out, pl.norm)
+                    else:
+                        scores[(name, i)] = rule.score(ScoreInputs(q, kr, vr, allowed, st.key_valid, last_idx,
+                                                                   self.p, st.n, h_out, pl.norm), 0)
 
         return observe
 
@@ -143,7 +154,10 @@ class Runner:
         eb = self.batches[b]
         point = pl.points[start]
         base = base if base is not None else pl.start_state(eb.ids, eb.mask, eb.feats)
-        return replace(base, h=h, score=scores.get((point.rule, start - 1)) if point.rule in SCORE_RULES else None)
+        score = scores.get((point.rule, start - 1)) if point.rule in SCORE_RULES else None
+        if isinstance(score, ScoreInputs):  # a keep-dependent rule (see _observer)
+            score = RULES[point.rule].score(score, point.keep)
+        return replace(base, h=h, score=score)
 
     @torch.inference_mode()
     def segment_state(self, b: int, schedule: Schedule) -> SegmentState:

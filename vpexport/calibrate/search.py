@@ -37,16 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpexport.errors import CalibrationFailed, RecipeError
-from vpexport.pruning.methods import METHODS
+from vpexport.methods import METHODS, auto_candidates, baseline_methods
 from vpexport.pruning.schedule import Schedule
 from vpexport.recipe.schema import DEFAULT_TOLERANCE
 
-SEARCH_METHODS = ("fastv", "himap", "visipruner")
-BASELINES = ("random", "uniform")
-COMPARED = ("fastv", "himap")  # the published defaults the report compares at equal FLOPs
+# The published defaults the report compares at equal FLOPs (the calibrator re-run at their FLOPs).
+COMPARED = tuple(n for n, m in METHODS.items() if m.compared_at_equal_flops)
+# Baselines with prune points, whose published defaults the report measures too.
+BASELINES = tuple(n for n in baseline_methods() if METHODS[n].rules)
 COARSE = 2.0
 FINE = 2 ** 0.25
-MAX_SINK = 2
 # Paired sequential rejection: after each batch, a candidate whose mean per-sample drop against the
 # dense model exceeds the tolerance by REJECT_Z standard errors is dropped (it only ever makes the
 # search more conservative; the chosen schedule is still fully evaluated and confirmed).
@@ -137,29 +137,13 @@ class Search:
         ks = set(geometric(hi, factor)) | {int(k) for k in extra if k and 1 <= int(k) < hi}
         return sorted(ks, reverse=True)
 
+    def keeps(self, hi: int, extra=()) -> list[int]:
+        """The coarse keep grid below `hi` (factor COARSE), plus `extra` (analysis seeds) in range."""
+        return self._keeps(hi, COARSE, extra)
+
     def coarse(self) -> list[Candidate]:
-        L, N = self.L, self.N
-        conc = {int(k): v for k, v in (self.seeds.get("concentration") or {}).items()}
-        conc_last = {int(k): v for k, v in (self.seeds.get("concentration_last") or {}).items()}
-        out = []
-        if "fastv" in self.methods:
-            for K in range(1, L):
-                for k in self._keeps(N, COARSE, [conc_last.get(K - 1)]):
-                    out.append(self.make("fastv", [(K, k)]))
-        if "himap" in self.methods:
-            for K1 in range(1, L - 1):
-                for k1 in self._keeps(N, COARSE, [conc.get(K1 - 1)]):
-                    for K2 in range(K1 + 1, L):
-                        for k2 in self._keeps(k1, COARSE):
-                            out.append(self.make("himap", [(K1, k1), (K2, k2)]))
-        if "visipruner" in self.methods:
-            fk = [self.seeds.get("fusion_keep_abs"), self.seeds.get("fusion_keep_rel")]
-            for sink in range(0, MAX_SINK + 1):
-                for Kf in range(sink + 1, L):
-                    for k in self._keeps(N, COARSE, fk):
-                        out.append(self.make("visipruner", [(Kf, k)], sink))
-                        for Ke in range(Kf + 1, L):
-                            out.append(self.make("visipruner", [(Kf, k), (Ke, 0)], sink))
+        """Every searched method's own grid (`Method.coarse`)."""
+        out = [self.make(m, points, sink) for m in self.methods for points, sink in METHODS[m].coarse(self)]
         return [c for c in out if c is not None]
 
     def fine(self, best: Candidate) -> list[Candidate]:
@@ -537,7 +521,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     per_sample: dict = {}
     ev = _eval_block(re_, chosen, eval_dense, per_sample)
     published, defaults = [], {}
-    for m in list(SEARCH_METHODS) + list(BASELINES):
+    for m in list(auto_candidates()) + list(BASELINES):
         s = recipe.default_schedule(arch, m)
         s = defaults[m] = Schedule(s.method, s.points, s.sink_layers, cfg.seed, s.meta)
         cal = rc.run(s)
@@ -595,10 +579,8 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
 
 
 def search_methods(recipe) -> list[str]:
-    from vpexport.recipe import auto_candidates
-
     method = recipe.pruning.method
-    return [m for m in auto_candidates() if m in SEARCH_METHODS] if method == "auto" else [method]
+    return auto_candidates() if method == "auto" else [method]
 
 
 def check_budget(recipe, arch, layout) -> None:

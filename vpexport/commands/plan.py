@@ -9,7 +9,7 @@ import click
 
 from vpexport.accounting import decode_step_flops, kv_cache_bytes, paper_flops, prefill_flops, weight_params
 from vpexport.accounting.memory import dtype_bytes
-from vpexport.pruning.methods import METHODS
+from vpexport.methods import METHODS
 from vpexport.recipe import load_recipe
 
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from vpexport.arch.adapters import adapter_for
 from vpexport.errors import UserInputError
-from vpexport.model import scoring
+from vpexport.methods import RULES
+from vpexport.methods.base import ScoreInputs, attention_probs
 from vpexport.pruning.schedule import Schedule
 
 
@@ -149,11 +150,9 @@ class PrunedLlava(nn.Module):
         # Fixed index sets for the index-only baselines, drawn once from the schedule seed.
         self._fixed_idx: dict[int, torch.Tensor] = {}
         for p in schedule.points:
-            n_in = self.visual_per_layer[p.layer - 1]
-            if p.rule == "random":
-                self._fixed_idx[p.layer] = scoring.fixed_random_indices(n_in, p.keep, schedule.seed + p.layer)
-            elif p.rule == "uniform":
-                self._fixed_idx[p.layer] = scoring.uniform_indices(n_in, p.keep)
+            if RULES[p.rule].kind == "fixed":
+                n_in = self.visual_per_layer[p.layer - 1]
+                self._fixed_idx[p.layer] = RULES[p.rule].fixed_indices(n_in, p.keep, schedule.seed + p.layer)
 
     # ------------------------------------------------------------------ vision
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -252,16 +251,12 @@ class PrunedLlava(nn.Module):
         mass = vis.sum(-1, keepdim=True)
         return torch.cat([probs[..., :p], mass, torch.zeros_like(vis[..., 1:]), probs[..., p + n :]], dim=-1)
 
-    def _score(self, rule, q, k, v, allowed, key_valid, last_idx, p, n):
-        if rule == "last_token_attention":
-            return scoring.last_token_attention(q, k, v, allowed, last_idx, p, n)
-        if rule == "text_attention":
-            return scoring.text_attention(q, k, v, allowed, key_valid, p, n)
-        if rule == "visual_attention":
-            return scoring.visual_attention(q, k, v, allowed, p, n)
-        if rule == "value_contribution":
-            return scoring.value_contribution(q, k, v, allowed, last_idx, p, n)
-        return None  # index-only rules
+    def _score(self, point, q, k, v, allowed, key_valid, last_idx, p, n, h_out):
+        """(B, n) scores of a point's scoring rule from layer K-1's tensors; None for the other kinds."""
+        r = RULES[point.rule]
+        if r.kind != "score":
+            return None
+        return r.score(ScoreInputs(q, k, v, allowed, key_valid, last_idx, p, n, h_out, self.norm), point.keep)
 
     # ------------------------------------------------------------------ prefill
     def merge_embeddings(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
@@ -311,8 +306,9 @@ class PrunedLlava(nn.Module):
         """Run decoder layers start..L-1 from `st` (the state entering `start`); returns (st, kv, kept).
 
         At a prune point, `st.score` (read from the previous layer) picks the kept tokens. `observe`,
-        if given, is called per layer as observe(i, st, q, k, v, allowed, last_idx) with the layer's
-        input state and its post-RoPE q and repeated k/v (calibration records scores from it).
+        if given, is called per layer as observe(i, st, q, k, v, allowed, last_idx, h_out) with the
+        layer's input state, its post-RoPE q and repeated k/v and its output hidden state
+        (calibration records scores from it).
         """
         p = self.prefix
         kv = [] if kv is None else kv
@@ -339,17 +335,18 @@ class PrunedLlava(nn.Module):
             attn = self._attend(q, kr, vr, layer_blocks)
             if i == 0 and self.sink_layers > 0:
                 t0 = p + n
-                probs = scoring._probs(q[:, :, t0:], kr, allowed[:, :, t0:])
+                probs = attention_probs(q[:, :, t0:], kr, allowed[:, :, t0:])
                 text_out = torch.matmul(self._sink_redirect(probs, p, n).to(vr.dtype), vr)
                 attn = torch.cat([attn[:, :, :t0], text_out], dim=2)
             last_idx = p + n + st.text_len - 1
+            h_out = self._finish_layer(i, st.h, attn)
             if observe is not None:
-                observe(i, st, q, kr, vr, allowed, last_idx)
+                observe(i, st, q, kr, vr, allowed, last_idx, h_out)
             nxt = self.points.get(i + 1)
             score = None
             if nxt is not None and n > 0:
-                score = self._score(nxt.rule, q, kr, vr, allowed, st.key_valid, last_idx, p, n)
-            st = replace(st, h=self._finish_layer(i, st.h, attn), score=score)
+                score = self._score(nxt, q, kr, vr, allowed, st.key_valid, last_idx, p, n, h_out)
+            st = replace(st, h=h_out, score=score)
         return st, kv, kept
 
     def finish(self, st: "DecoderState") -> torch.Tensor:
@@ -375,7 +372,7 @@ class PrunedLlava(nn.Module):
 
     def _prune(self, point, st: "DecoderState") -> "DecoderState":
         p, n = self.prefix, st.n
-        if point.rule == "drop_all":
+        if RULES[point.rule].kind == "drop":
             cut = lambda t: torch.cat([t[:, :p], t[:, p + n :]], dim=1)  # noqa: E731
             return replace(st, h=cut(st.h), pos=cut(st.pos), key_valid=cut(st.key_valid),
                            vis_orig=st.vis_orig[:, :0], n=0, score=None)
@@ -424,7 +421,7 @@ class PrunedLlava(nn.Module):
                 vis = torch.zeros_like(allowed)
                 vis[:, p : p + n] = True
                 allowed = allowed & ~vis
-            probs = scoring._probs(q, kr, allowed[:, None, None, :])
+            probs = attention_probs(q, kr, allowed[:, None, None, :])
             if i == 0 and self.sink_layers > 0:
                 probs = self._sink_redirect(probs, p, n)
             attn = torch.matmul(probs.to(vr.dtype), vr)

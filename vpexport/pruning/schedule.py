@@ -2,7 +2,8 @@
 
 Convention (all methods): a prune point at layer K scores visual tokens with what layer K-1
 computed (its attention, or its value contributions) and hands only the kept tokens to layer K.
-So K >= 1, and segment boundaries are exactly the prune layers.
+So K >= 1, and segment boundaries are exactly the prune layers. The rules a point can name are
+the registered methods' rules (vpexport/methods).
 """
 
 from __future__ import annotations
@@ -10,18 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from vpexport.errors import ScheduleError
-
-# Scoring rules, by name. Each rule reads layer K-1; see vpexport/model/scoring.py for the maths.
-RULES: dict[str, str] = {
-    "last_token_attention": "attention the last text token pays each visual token (FastV)",
-    "text_attention": "attention each visual token receives from all tokens after the image (HiMAP stage 1)",
-    "visual_attention": "attention each visual token receives from the other visual tokens (HiMAP stage 2)",
-    "value_contribution": "||a_last,j * v_j|| of the last token's attention output (VisiPruner fusion)",
-    "random": "a fixed random subset drawn once from the schedule seed (baseline)",
-    "uniform": "a spatially strided subset (baseline)",
-    "drop_all": "drop every remaining visual token (keep must be 0; VisiPruner exit)",
-}
-
 
 @dataclass(frozen=True)
 class PrunePoint:
@@ -47,6 +36,8 @@ class Schedule:
 
     def check(self, num_layers: int, visual_tokens: int, where: str = "pruning.points") -> None:
         """Raise ScheduleError naming the first bad field."""
+        from vpexport.methods import RULES  # the table imports this module
+
         prev_layer, prev_keep = 0, visual_tokens
         for i, p in enumerate(self.points):
             f = f"{where}[{i}]"
@@ -64,9 +55,9 @@ class Schedule:
                     field=f"{f}.layer",
                     fix="list prune points in strictly increasing layer order",
                 )
-            if p.rule == "drop_all":
+            if RULES[p.rule].kind == "drop":
                 if p.keep != 0:
-                    raise ScheduleError("drop_all must keep 0 tokens", field=f"{f}.keep", fix="set keep: 0")
+                    raise ScheduleError(f"{p.rule} must keep 0 tokens", field=f"{f}.keep", fix="set keep: 0")
             elif p.keep <= 0:
                 raise ScheduleError(
                     f"keep={p.keep} must be positive",

@@ -6,7 +6,8 @@
 """
 
 from vpexport.recipe.loader import Recipe, expand_env, load_recipe, recipe_from_dict, save_resolved
-from vpexport.recipe.schema import BASELINE_METHODS, auto_candidates, methods_markdown
+from vpexport.methods import auto_candidates
+from vpexport.recipe.schema import methods_markdown
 
 __all__ = [
     "Recipe",
@@ -16,5 +17,4 @@ __all__ = [
     "expand_env",
     "auto_candidates",
     "methods_markdown",
-    "BASELINE_METHODS",
 ]

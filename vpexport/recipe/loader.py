@@ -28,7 +28,7 @@ from vpexport.arch.builtin import BUILTIN_ARCHS
 from vpexport.arch.layout import PromptLayout, check_template, layout_from_tokenizer_file
 from vpexport.arch.spec import ArchSpec
 from vpexport.errors import RecipeError
-from vpexport.pruning.methods import METHODS
+from vpexport.methods import METHODS
 from vpexport.pruning.schedule import Schedule
 from vpexport.recipe.schema import RecipeModel
 

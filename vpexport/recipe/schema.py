@@ -14,15 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from vpexport.arch.builtin import BUILTIN_ARCHS
 from vpexport.arch.layout import IMAGE_PLACEHOLDER
-from vpexport.pruning.methods import METHODS
-
-# Methods that `method: auto` calibration tries (the baselines are never picked automatically).
-BASELINE_METHODS = ("none", "random", "uniform")
-
-
-def auto_candidates() -> list[str]:
-    """The methods `pruning.method: auto` calibrates and compares, in METHODS order."""
-    return [m for m in METHODS if m not in BASELINE_METHODS]
+from vpexport.methods import METHODS, auto_candidates
 
 
 def recipe_error(msg: str, sub: str = "", fix: str = "") -> PydanticCustomError:
@@ -191,7 +183,7 @@ class PruningSection(Strict):
                 fix="remove sink_layers (or use " + ", ".join(sinkers) + ")",
             )
         if self.calibrate is not None:
-            if self.method in BASELINE_METHODS:
+            if spec.baseline:
                 raise recipe_error(
                     f"method {self.method} has nothing to calibrate"
                     + ("" if self.method == "none" else " (a baseline: its points are yours to give)"),
@@ -200,7 +192,8 @@ class PruningSection(Strict):
                 )
             return self
         points = self.points if self.points is not None else []
-        if self.points is None and spec.rules:
+        rules = spec.rule_names
+        if self.points is None and rules:
             d = spec.default(32, 576, "vqa")
             example = ", ".join(f"{{layer: {p.layer}, keep: {p.keep}}}" for p in d.points)
             raise recipe_error(
@@ -208,11 +201,11 @@ class PruningSection(Strict):
                 sub="points",
                 fix=f"add points: [{example}] (the published default) or calibrate: {{tolerance: 0.01}}",
             )
-        if len(points) != len(spec.rules):
+        if len(points) != len(rules):
             raise recipe_error(
-                f"method {self.method} takes {len(spec.rules)} prune point(s) ({', '.join(spec.rules) or 'none'}), got {len(points)}",
+                f"method {self.method} takes {len(rules)} prune point(s) ({', '.join(rules) or 'none'}), got {len(points)}",
                 sub="points",
-                fix=f"give exactly {len(spec.rules)} point(s), one per rule in that order",
+                fix=f"give exactly {len(rules)} point(s), one per rule in that order",
             )
         for i, p in enumerate(points):
             if (p.keep is None) == (p.keep_fraction is None):
@@ -221,9 +214,9 @@ class PruningSection(Strict):
                     sub=f"points[{i}]",
                     fix="e.g. keep: 288 or keep_fraction: 0.5",
                 )
-            if spec.rules[i] == "drop_all" and p.keep != 0:
+            if spec.rules[i].kind == "drop" and p.keep != 0:
                 raise recipe_error(
-                    f"point {i} of {self.method} drops every visual token (rule drop_all)",
+                    f"point {i} of {self.method} drops every visual token (rule {rules[i]})",
                     sub=f"points[{i}].keep",
                     fix="set keep: 0",
                 )
@@ -381,7 +374,7 @@ def methods_markdown() -> str:
         pts = ", ".join(f"layer {p.layer} keep {p.keep}" for p in d.points) or "-"
         if d.sink_layers:
             pts += f"; sink_layers {d.sink_layers}"
-        rules = ", ".join(f"`{r}`" for r in m.rules) or "(none)"
+        rules = ", ".join(f"`{r}`" for r in m.rule_names) or "(none)"
         rows.append(f"| `{name}` | {rules} | {'yes' if m.uses_sink else 'no'} | {pts} | {m.reference} |")
     rows.append(
         f"| `auto` | calibration tries {', '.join(f'`{c}`' for c in auto_candidates())} | no | - (needs `calibrate`) | - |"
