@@ -21,6 +21,7 @@ POINTS = {
     "himap": ("[{layer: 2, keep: 72}, {layer: 5, keep: 18}]", 0),
     "visipruner": ("[{layer: 3, keep: 10}, {layer: 6, keep: 0}]", 2),
     "dart": ("[{layer: 2, keep: 40}]", 0),
+    "divprune": ("[{layer: 0, keep: 30}]", 0),
 }
 
 

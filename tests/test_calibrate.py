@@ -419,6 +419,19 @@ def test_flops_budget_through_the_cli(mini_recipe, tmp_path, capsys):
     assert r["calibration"]["objective"] == "max_accuracy" and r["calibration"]["flops_budget"] == 0.4
     assert r["calibration"]["tolerance"] is None
     assert "highest calibration" in (out / "calibration.md").read_text()
+    # every searched method's own best within the budget, on the eval split; the chosen is its method's row
+    from vpexport.methods import auto_candidates
+
+    rows = r["per_method"]
+    assert list(rows) == auto_candidates() and {"dart", "divprune"} <= set(rows)
+    for m, row in rows.items():
+        assert row["schedule"]["method"] == m and row["flops"]["ratio"] <= 0.4 + 1e-12
+        assert row["eval"]["samples"] == r["eval"]["samples"]
+        assert r["calibration"]["accuracy"] >= row["calib"]["accuracy"] - 1e-9  # the chosen is the most accurate
+        f = row["eval"]["chosen_vs_this"]
+        assert f["higher"] + f["lower"] <= row["eval"]["samples"]
+    assert rows[r["schedule"]["method"]]["schedule"] == r["schedule"]
+    assert "## Every method at flops_budget 0.4" in (out / "calibration.md").read_text()
 
 
 

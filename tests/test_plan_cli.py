@@ -14,7 +14,7 @@ import yaml
 from vpexport.accounting import kv_cache_bytes, paper_flops, prefill_flops
 from vpexport.cli import main
 from vpexport.methods import METHODS
-from vpexport.recipe import auto_candidates, load_recipe, methods_markdown
+from vpexport.recipe import auto_candidates, load_recipe, methods_markdown, rules_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 HIMAP = ROOT / "recipes" / "baselines" / "llava7b_himap_qa.yaml"
@@ -114,7 +114,7 @@ def test_plan_calibrate_shows_published_default(tmp_path, capsys):
 
 def test_plan_auto_lists_candidates(tmp_path, capsys):
     p = plan_json(capsys, _calib_recipe(tmp_path, "auto"))
-    assert [c["method"] for c in p["calibration"]["candidates"]] == auto_candidates() == ["fastv", "himap", "visipruner"]
+    assert [c["method"] for c in p["calibration"]["candidates"]] == auto_candidates() == ["fastv", "himap", "visipruner", "dart", "divprune"]
     code, out, _ = run_plan(capsys, _calib_recipe(tmp_path, "auto"))
     assert "calibration will try fastv, himap, visipruner" in out
 
@@ -158,6 +158,7 @@ def test_plan_subprocess_without_torch(tmp_path):
 def test_docs_method_table_matches_methods():
     doc = (ROOT / "docs" / "recipes.md").read_text()
     assert methods_markdown() in doc, "regenerate: python -c 'from vpexport.recipe import methods_markdown; print(methods_markdown())'"
+    assert rules_markdown() in doc, "regenerate: python -c 'from vpexport.recipe import rules_markdown; print(rules_markdown())'"
     for name in METHODS:
         assert f"`{name}`" in doc
 

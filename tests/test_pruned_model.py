@@ -71,6 +71,7 @@ SCHEDULES = {
     "uniform": METHODS["uniform"].schedule([(1, 9)]),
     # 4 visual + 4 text pivots (3 for the 3-token prompt): 19 kept, pivots take unequal counts
     "dart": METHODS["dart"].schedule([(2, 19)]),
+    "divprune": METHODS["divprune"].schedule([(0, 11)]),
 }
 
 

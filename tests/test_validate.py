@@ -111,13 +111,15 @@ def test_validate_precision_on_a_fixed_precision_provider_is_one_line(good):
     assert r.returncode == 2 and "--precision" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_dart_exports_validates_and_runs_without_torch_from_the_cli(tmp_path):
-    """The attention-free method end to end: export, validate (every output, kept indices, all
-    generations), and the torch-free runtime answering with the same kept indices as PyTorch."""
+@pytest.mark.parametrize("method,keep", [("dart", 40), ("divprune", 30)])
+def test_attention_free_methods_export_validate_and_run_without_torch_from_the_cli(tmp_path, method, keep):
+    """The attention-free methods end to end (DART in the decoder, DivPrune before it): export,
+    validate (every output, kept indices, all generations), and the torch-free runtime answering
+    with the same kept indices as PyTorch."""
     d = tmp_path
     ckpt = build_checkpoint(d / "mini")
     ev = make_eval(d / "data", n=4)
-    rp = write_recipe(d / "dart.yaml", ckpt, "dart", eval_file=ev, samples=4)
+    rp = write_recipe(d / f"{method}.yaml", ckpt, method, eval_file=ev, samples=4)
     r = cli("export", rp, "--out", d / "art")
     assert r.returncode == 0, r.stderr[-2000:]
     r = cli("validate", d / "art", "--json")
@@ -127,4 +129,4 @@ def test_dart_exports_validates_and_runs_without_torch_from_the_cli(tmp_path):
     img = sorted((d / "data").rglob("*.png"))[0]
     runs = [json.loads(cli("run", t, "--image", img, "--prompt", "what is it", "--json").stdout) for t in (rp, d / "art")]
     kept = [x["answers"][0]["kept"] for x in runs]
-    assert kept[0] == kept[1] and len(kept[0][0]) == 40
+    assert kept[0] == kept[1] and len(kept[0][0]) == keep

@@ -108,10 +108,12 @@ def prefill_flops(arch: ArchSpec, schedule: Schedule | None, layout: PromptLayou
     scoring = []
     for p in (schedule.points if schedule else ()):
         k = p.layer
-        f = scoring_flops(p.rule, t, ns[k - 1], layout.text, vis[k - 1]) * b
+        # A point at K scores from layer K-1; one at layer 0 from the projector's output (all tokens).
+        n_in, vis_in = (ns[k - 1], vis[k - 1]) if k else (dense_n, layout.visual)
+        f = scoring_flops(p.rule, t, n_in, layout.text, vis_in) * b
         scoring.append({"layer": k, "rule": p.rule, "flops": f})
         pruned_c["scoring"] += f
-        per_layer[k - 1]["pruned"] += f
+        per_layer[max(0, k - 1)]["pruned"] += f
     lm = 2 * t.hidden * t.vocab * b
     dense_c["lm_head"] = pruned_c["lm_head"] = lm
     dense, pruned = sum(dense_c.values()), sum(pruned_c.values())

@@ -138,6 +138,8 @@ class Runner:
             if i >= sink and i < self.L - 1 and st.n > 0:  # a point at i + 1 must come after the sink stage
                 for name in SCORE_RULES:
                     rule = RULES[name]
+                    if rule.pre_llm:
+                        continue  # scored from the projector's output (`_resume` at layer 0)
                     if rule.keep_dependent:
                         # Scored per candidate (its keep) at resumption, from the tensors it reads:
                         # the keys and output this pass keeps anyway, not the layer's q / v / mask.
@@ -154,6 +156,8 @@ class Runner:
         eb = self.batches[b]
         point = pl.points[start]
         base = base if base is not None else pl.start_state(eb.ids, eb.mask, eb.feats)
+        if start == 0:  # a pre-LLM point: nothing ran before it
+            return replace(base, h=h, score=pl.pre_llm_score(point, replace(base, h=h)))
         score = scores.get((point.rule, start - 1)) if point.rule in SCORE_RULES else None
         if isinstance(score, ScoreInputs):  # a keep-dependent rule (see _observer)
             score = RULES[point.rule].score(score, point.keep)

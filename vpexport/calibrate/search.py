@@ -151,7 +151,7 @@ class Search:
         out = []
         layer_opts = []
         for p in s.points:
-            layer_opts.append(sorted({l for l in (p.layer - 1, p.layer, p.layer + 1) if 1 <= l < self.L}))
+            layer_opts.append(sorted({l for l in (p.layer - 1, p.layer, p.layer + 1) if 0 <= l < self.L}))
         keep_opts = []
         prev = self.N
         for p in s.points:
@@ -552,6 +552,8 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
                             "eval": _eval_block(re_, c.schedule, eval_dense, per_sample),
                             "seconds": round(time.perf_counter() - t_m, 1)})
             matched[-1]["eval"]["vs_default"] = paired(per_sample[c.schedule], per_sample[defaults[p["method"]]])
+    per_method = _per_method(recipe, rc, re_, arch, layout, methods, analysis["seeds"], best, eval_dense, per_sample,
+                             flops_of, progress)
     t_e = time.perf_counter() - t_e
     calibration["seconds"]["eval"] = round(t_e, 1)
     calibration["seconds"]["total"] = round(time.perf_counter() - t0, 1)
@@ -565,6 +567,8 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
         "published": published,
         "matched": matched,
     }
+    if per_method:
+        result["per_method"] = per_method
     tmp = dest / f".{SCHEDULE_FILE}.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(dest / SCHEDULE_FILE)
@@ -576,6 +580,37 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     (dest / "calibration.md").write_text(report_md(result, task))
     result["dir"] = str(dest)
     return result
+
+
+def _per_method(recipe, rc, re_, arch, layout, methods, seeds, best, eval_dense, per_sample, flops_of, progress) -> dict:
+    """With a flops_budget and several methods: each method's most accurate schedule within the
+    budget (the same search restricted to that method, on the calibration split), measured on the
+    eval split like the chosen one, with a per-sample sign test against it. The chosen schedule is
+    its own method's row. Skipped with `compare: false` (one more budget search per method)."""
+    cfg = recipe.pruning.calibrate
+    if cfg.objective != "max_accuracy" or len(methods) < 2 or not cfg.compare:
+        return {}
+    chosen = best.schedule
+    out = {}
+    for m in methods:
+        t_m = time.perf_counter()
+        if m == chosen.method:
+            c = best
+        else:
+            if progress:
+                print(f"[calibrate] per-method comparison: {m}'s most accurate schedule at flops_budget "
+                      f"{cfg.flops_budget:g} (`pruning.calibrate.compare: false` skips it)", file=sys.stderr, flush=True)
+            c = Search(rc, arch, layout, [m], cfg.tolerance, cfg.seed, seeds, progress).run_budget(cfg.flops_budget)
+        if c is None:
+            out[m] = {"schedule": None, "reason": f"no {m} schedule within the budget"}
+            continue
+        row = {"schedule": c.schedule.to_dict(), "flops": {"ratio": flops_of(c.schedule)["ratio"]},
+               "calib": {"accuracy": c.accuracy, "first_token_kl": c.kl},
+               "eval": _eval_block(re_, c.schedule, eval_dense, per_sample),
+               "seconds": round(time.perf_counter() - t_m, 1)}
+        row["eval"]["chosen_vs_this"] = paired(per_sample[chosen], per_sample[c.schedule])
+        out[m] = row
+    return out
 
 
 def search_methods(recipe) -> list[str]:
@@ -694,6 +729,21 @@ def report_md(r: dict, task: str) -> str:
                      f"FLOPs {m['flops']['ratio']:.3f}, eval accuracy {m['eval']['accuracy']:.4f}: it {verdict} the "
                      f"{m['against']} default ({p['eval']['accuracy']:.4f} at {p['flops']['ratio']:.3f}; {f['higher']} / {f['lower']}, "
                      f"sign test p = {f['sign_test_p']:.2g}).")
+    if r.get("per_method"):
+        lines += ["", f"## Every method at flops_budget {c['flops_budget']:g}", "",
+                  "Each method's most accurate schedule within the budget (the same search restricted to it, on the "
+                  "calibration split), on the eval split; (higher / lower) counts the samples where the chosen "
+                  "schedule scores higher / lower than that method's, with a two-sided exact sign test.", "",
+                  "| method | points | exact FLOPs ratio | calib accuracy | eval accuracy | chosen vs it (higher / lower, p) |",
+                  "|---|---|---|---|---|---|"]
+        for m, row in r["per_method"].items():
+            if row["schedule"] is None:
+                lines.append(f"| {m} | - | - | - | - | {row['reason']} |")
+                continue
+            f = row["eval"]["chosen_vs_this"]
+            name = f"**{m}** (chosen)" if m == r["schedule"]["method"] else m
+            lines.append(f"| {name} | {_pts(row['schedule'])} | {row['flops']['ratio']:.3f} | {row['calib']['accuracy']:.4f} | "
+                         f"{row['eval']['accuracy']:.4f} | {f['higher']} / {f['lower']}, p = {f['sign_test_p']:.2g} |")
     lines += ["", f"Time: analysis {c['seconds']['analysis']} s, search {c['seconds']['search']} s, "
               f"eval and equal-FLOPs searches {c['seconds']['eval']} s (total {c['seconds']['total']} s).", ""]
     return "\n".join(lines)

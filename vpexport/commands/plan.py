@@ -43,7 +43,7 @@ def _segments(recipe, arch, layout, sched) -> list[dict]:
         fixed = layout.prefix + s.visual_tokens
         seq = fixed + layout.text
         static = [layout.batch, fixed + tl.max, d] if tl.mode == "padded" else [layout.batch, f"{fixed}+T", d]
-        nxt = sched.points[i] if i < len(sched.points) else None
+        nxt = next((q for q in sched.points if q.layer == s.end), None)
         out.append(
             {
                 "index": i,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from vpexport.methods.base import Method, Rule
 from vpexport.methods.baselines import NoPruning, Random, Uniform
 from vpexport.methods.dart import DART
+from vpexport.methods.divprune import DivPrune
 from vpexport.methods.fastv import FastV
 from vpexport.methods.himap import HiMAP
 from vpexport.methods.visipruner import VisiPruner
@@ -20,6 +21,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     HiMAP(),
     VisiPruner(),
     DART(),
+    DivPrune(),
     Random(),
     Uniform(),
 )}

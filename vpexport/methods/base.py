@@ -2,7 +2,8 @@
 
 A **rule** decides which visual tokens one prune point keeps. A point at layer K reads what layer
 K-1 computed (its attention, its values); it hands only the kept tokens to layer K, so K >= 1 and
-the segment boundaries are exactly the prune layers. A rule is one of three kinds:
+the segment boundaries are exactly the prune layers. A pre-LLM rule (`pre_llm`) instead reads the
+projector's output and its point sits at layer 0, before the decoder. A rule is one of three kinds:
 
     score   a (B, n) score per visual token, computed inside the graph from layer K-1's tensors;
             the point keeps the top `keep` (TopK + Gather, static k)
@@ -85,6 +86,7 @@ class ReferenceInputs:
     k: "torch.Tensor | None" = None
     hidden: "torch.Tensor | None" = None
     keep: int = 0
+    features: "torch.Tensor | None" = None  # (n, d) the projector's output, for pre-LLM rules
 
 
 def attention_probs(q_rows, k, allowed_rows):
@@ -115,6 +117,9 @@ class Rule:
     # returns a 0/1 score with exactly `keep` ones; calibration then scores it per candidate
     # instead of once per layer.
     keep_dependent: ClassVar[bool] = False
+    # A pre-LLM rule scores the projector's output (the visual tokens entering decoder layer 0):
+    # its point sits at layer 0, reads `ScoreInputs.h_out` as those features and nothing else.
+    pre_llm: ClassVar[bool] = False
 
     def score(self, x: ScoreInputs, keep: int) -> "torch.Tensor":
         """(B, n) importance of each visual token present (the point keeps the `keep` highest)."""
@@ -153,6 +158,10 @@ class Method:
     # Whether the calibration report re-runs the calibrator at this method's published FLOPs
     # (the equal-FLOPs rows).
     compared_at_equal_flops: ClassVar[bool] = False
+    # The method's own recipe keys under `pruning:` besides method / points / seed / calibrate,
+    # as pydantic field definitions {name: (type, Field(...))}; the recipe schema builds the
+    # method's options model from them (vpexport/recipe/schema.py, MethodOptions).
+    options: ClassVar[dict[str, tuple]] = {}
 
     @property
     def rule_names(self) -> tuple[str, ...]:

@@ -5,6 +5,8 @@ largest, and an exit point that drops every remaining visual token."""
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from vpexport.methods.base import DropAll, Method, Rule, attention_probs, gather_rows, scaled_keep, scaled_layer
 
 MAX_SINK = 2  # calibration tries sink stages of 0..MAX_SINK layers
@@ -12,7 +14,7 @@ MAX_SINK = 2  # calibration tries sink stages of 0..MAX_SINK layers
 
 class ValueContribution(Rule):
     name = "value_contribution"
-    summary = "||a_last,j * v_j|| of the last token's attention output (VisiPruner fusion)"
+    summary = "L2 norm of a_last,j * v_j, the last token's attention output from token j (VisiPruner fusion)"
 
     def score(self, x, keep):
         idx = x.last_idx[:, None]
@@ -37,6 +39,8 @@ class VisiPruner(Method):
     reference = "VisiPruner (seeds 000, 001), static form"
     rules = (ValueContribution(), DropAll())
     uses_sink = True
+    # layers [0, sink_layers) hide the visual keys from the text queries
+    options = {"sink_layers": (int, Field(0, ge=0))}
 
     def default(self, layers, visual, task):
         fusion, exit_ = scaled_layer(9, layers), scaled_layer(24, layers)

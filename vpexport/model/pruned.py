@@ -151,7 +151,7 @@ class PrunedLlava(nn.Module):
         self._fixed_idx: dict[int, torch.Tensor] = {}
         for p in schedule.points:
             if RULES[p.rule].kind == "fixed":
-                n_in = self.visual_per_layer[p.layer - 1]
+                n_in = self.visual_per_layer[p.layer - 1] if p.layer else self.visual_tokens
                 self._fixed_idx[p.layer] = RULES[p.rule].fixed_indices(n_in, p.keep, schedule.seed + p.layer)
 
     # ------------------------------------------------------------------ vision
@@ -251,6 +251,15 @@ class PrunedLlava(nn.Module):
         mass = vis.sum(-1, keepdim=True)
         return torch.cat([probs[..., :p], mass, torch.zeros_like(vis[..., 1:]), probs[..., p + n :]], dim=-1)
 
+    def pre_llm_score(self, point, st: "DecoderState"):
+        """A layer-0 point's scores, from the projector's output (the visual span of `st.h`)."""
+        r = RULES[point.rule]
+        if r.kind != "score":
+            return None
+        p, n = self.prefix, st.n
+        return r.score(ScoreInputs(None, None, None, None, st.key_valid, p + n + st.text_len - 1, p, n, st.h, self.norm),
+                       point.keep)
+
     def _score(self, point, q, k, v, allowed, key_valid, last_idx, p, n, h_out):
         """(B, n) scores of a point's scoring rule from layer K-1's tensors; None for the other kinds."""
         r = RULES[point.rule]
@@ -318,6 +327,8 @@ class PrunedLlava(nn.Module):
         blocks = self._attn_blocks(attention_bias(allowed, st.h.dtype), p + st.n)
         for i in range(start, self.num_layers):
             if i in self.points:
+                if i == 0 and st.score is None:
+                    st = replace(st, score=self.pre_llm_score(self.points[0], st))
                 st = self._prune(self.points[i], st)
                 kept.append(st.vis_orig)
                 cos, sin = self.rope(st.h, st.pos)

@@ -43,7 +43,14 @@ class Schedule:
             f = f"{where}[{i}]"
             if p.rule not in RULES:
                 raise ScheduleError(f"unknown rule {p.rule!r}", field=f"{f}.rule", fix=f"use one of {sorted(RULES)}")
-            if not 1 <= p.layer < num_layers:
+            pre = RULES[p.rule].pre_llm
+            if pre and p.layer != 0:
+                raise ScheduleError(
+                    f"rule {p.rule} prunes before the decoder, at layer 0 (got {p.layer})",
+                    field=f"{f}.layer",
+                    fix="set layer: 0",
+                )
+            if not pre and not 1 <= p.layer < num_layers:
                 raise ScheduleError(
                     f"layer {p.layer} is out of range for a {num_layers}-layer decoder",
                     field=f"{f}.layer",
@@ -81,12 +88,13 @@ class Schedule:
                 field="pruning.sink_layers",
                 fix=f"use 0..{num_layers - 1}",
             )
-        if self.points and self.sink_layers >= self.points[0].layer:
-            # The first point scores with layer K-1, which must see the visual tokens unmasked.
+        scored = [p for p in self.points if not RULES[p.rule].pre_llm]
+        if scored and self.sink_layers >= scored[0].layer:
+            # The first in-decoder point scores with layer K-1, which must see the visual tokens unmasked.
             raise ScheduleError(
                 "the shallow sink stage must end before the layer that scores the first prune point",
                 field="pruning.sink_layers",
-                fix=f"use at most {self.points[0].layer - 1}",
+                fix=f"use at most {scored[0].layer - 1}",
             )
 
     def visual_per_layer(self, num_layers: int, visual_tokens: int) -> list[int]:
@@ -97,9 +105,11 @@ class Schedule:
         return counts
 
     def segments(self, num_layers: int, visual_tokens: int) -> list[Segment]:
+        """The decoder's runs of layers with a static visual-token count (a point at layer 0, before
+        the decoder, leaves no layer with the full count)."""
         bounds = [0] + [p.layer for p in self.points] + [num_layers]
         keeps = [visual_tokens] + [p.keep for p in self.points]
-        return [Segment(bounds[i], bounds[i + 1], keeps[i]) for i in range(len(keeps))]
+        return [Segment(bounds[i], bounds[i + 1], keeps[i]) for i in range(len(keeps)) if bounds[i] < bounds[i + 1]]
 
     def to_dict(self) -> dict:
         d = asdict(self)

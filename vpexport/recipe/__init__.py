@@ -7,7 +7,7 @@
 
 from vpexport.recipe.loader import Recipe, expand_env, load_recipe, recipe_from_dict, save_resolved
 from vpexport.methods import auto_candidates
-from vpexport.recipe.schema import methods_markdown
+from vpexport.recipe.schema import methods_markdown, rules_markdown
 
 __all__ = [
     "Recipe",
@@ -17,4 +17,5 @@ __all__ = [
     "expand_env",
     "auto_candidates",
     "methods_markdown",
+    "rules_markdown",
 ]

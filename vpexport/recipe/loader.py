@@ -99,26 +99,38 @@ def expand_env(value, loc=(), env=None):
 
 
 # --------------------------------------------------------------------------- pydantic errors -> one line
-def _model_in(annotation) -> type[BaseModel] | None:
+def _model_in(annotation, tag=None) -> type[BaseModel] | None:
+    """The model an annotation holds; in a union discriminated on `method`, the member for `tag`."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    for a in typing.get_args(annotation):
-        m = _model_in(a)
-        if m is not None:
+    members = [m for m in (_model_in(a) for a in typing.get_args(annotation)) if m is not None]
+    for m in members:
+        f = m.model_fields.get("method")
+        if tag is not None and f is not None and tag in typing.get_args(f.annotation):
             return m
-    return None
+    return members[0] if members else None
+
+
+def _strip_tags(loc: tuple) -> tuple:
+    """pydantic puts a discriminated union's tag in the error path (pruning.fastv.points):
+    the recipe has no such key, so it is dropped (pruning.points)."""
+    from vpexport.recipe.schema import METHOD_OPTIONS
+
+    return tuple(part for i, part in enumerate(loc) if not (i and loc[i - 1] == "pruning" and part in METHOD_OPTIONS))
 
 
 def _keys_at(model: type[BaseModel], loc) -> list[str]:
-    """The allowed keys (aliases) of the model reached by following `loc` from `model`."""
-    for part in loc:
+    """The allowed keys (aliases) of the model reached by following `loc` (with union tags) from `model`."""
+    loc = list(loc)
+    for j, part in enumerate(loc):
         if isinstance(part, int):
             continue
         by_key = {(f.alias or n): f for n, f in model.model_fields.items()}
         f = by_key.get(part)
         if f is None:
             continue  # a union tag or similar, not a key
-        sub = _model_in(f.annotation)
+        tag = loc[j + 1] if j + 1 < len(loc) else None
+        sub = _model_in(f.annotation, tag)
         if sub is None:
             return []
         model = sub
@@ -130,11 +142,23 @@ def _one_line(e: ValidationError, root: type[BaseModel]) -> RecipeError:
     # unknown keys first: a misspelt key also makes the right key look missing
     errors.sort(key=lambda x: 0 if x["type"] == "extra_forbidden" else 1)
     err, more = errors[0], len(errors) - 1
-    loc = tuple(err["loc"])
+    raw = tuple(err["loc"])
+    loc = _strip_tags(raw)
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):  # pruning.method
+        from vpexport.recipe.schema import METHOD_OPTIONS
+
+        names = list(METHOD_OPTIONS)
+        got = err.get("ctx", {}).get("tag")
+        if err["type"] == "union_tag_not_found" or got is None:
+            return RecipeError("is required but missing" + tail, field=_dotted(loc + ("method",)),
+                               fix="use one of " + ", ".join(names))
+        close = difflib.get_close_matches(str(got), names, n=1)
+        return RecipeError(f"unknown method {got!r}" + tail, field=_dotted(loc + ("method",)),
+                           fix=f"did you mean {close[0]!r}?" if close else "use one of " + ", ".join(names))
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
-        allowed = _keys_at(root, loc[:-1])
+        allowed = _keys_at(root, raw[:-1])
         close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
         fix = f"did you mean {close[0]!r}?" if close else "allowed keys here: " + ", ".join(allowed)
         return RecipeError("unknown key" + tail, field=_dotted(loc), fix=fix)
@@ -267,7 +291,7 @@ class Recipe(RecipeModel):
             keep = p.keep if p.keep is not None else max(1, round(p.keep_fraction * present))
             pairs.append((p.layer, keep))
             present = keep
-        sched = spec.schedule(pairs, sink_layers=self.pruning.sink_layers, seed=self.pruning.seed, meta={"source": "recipe"})
+        sched = spec.schedule(pairs, sink_layers=getattr(self.pruning, "sink_layers", 0), seed=self.pruning.seed, meta={"source": "recipe"})
         sched.check(arch.text.layers, arch.visual_tokens)
         return sched
 

@@ -7,7 +7,7 @@ into ONE `RecipeError` line (see `vpexport/recipe/loader.py`). Nothing here impo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -137,25 +137,36 @@ class CalibrateSection(Strict):
         return "min_flops" if self.flops_budget is None else "max_accuracy"
 
 
-class PruningSection(Strict):
+class MethodOptions(Strict):
+    """`pruning:` for a named method. Each registered method gets its own model: this one with
+    `method` fixed to its name and the method's own fields (`Method.options`), so the section is a
+    union discriminated on `method` (`pruning_section`). The checks below read the method's table
+    entry (its rules, whether it is a baseline); a method's own option fields check themselves."""
+
     method: str
     points: list[PointSection] | None = None
-    sink_layers: int = Field(0, ge=0)
     seed: int = 0
     calibrate: CalibrateSection | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sink_key(cls, data):
+        # `sink_layers: 0` is what every recipe said before the key became VisiPruner's own (and
+        # what resolved recipes written then still say): accepted and dropped where it means nothing.
+        if isinstance(data, dict) and "sink_layers" in data and "sink_layers" not in cls.model_fields:
+            if data["sink_layers"] == 0:
+                return {k: v for k, v in data.items() if k != "sink_layers"}
+            method = data.get("method")
+            if method == "auto":
+                raise recipe_error("sink_layers cannot be set with method auto (calibration chooses it)",
+                                   sub="sink_layers", fix="remove it")
+            sinkers = [m for m, spec in METHODS.items() if spec.uses_sink]
+            raise recipe_error(f"method {method} has no sink stage", sub="sink_layers",
+                               fix="remove sink_layers (or use " + ", ".join(sinkers) + ")")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self):
-        import difflib
-
-        names = list(METHODS) + ["auto"]
-        if self.method not in names:
-            close = difflib.get_close_matches(self.method, names, n=1)
-            raise recipe_error(
-                f"unknown method {self.method!r}",
-                sub="method",
-                fix=f"did you mean {close[0]!r}?" if close else "use one of " + ", ".join(names),
-            )
         if self.points is not None and self.calibrate is not None:
             raise recipe_error(
                 "points and calibrate are mutually exclusive",
@@ -169,19 +180,8 @@ class PruningSection(Strict):
                     sub="method",
                     fix="add calibrate: {tolerance: 0.01} or name a method (" + ", ".join(auto_candidates()) + ")",
                 )
-            if self.sink_layers:
-                raise recipe_error(
-                    "sink_layers cannot be set with method auto (calibration chooses it)", sub="sink_layers", fix="remove it"
-                )
             return self
         spec = METHODS[self.method]
-        if self.sink_layers and not spec.uses_sink:
-            sinkers = [m for m, s in METHODS.items() if s.uses_sink]
-            raise recipe_error(
-                f"method {self.method} has no sink stage",
-                sub="sink_layers",
-                fix="remove sink_layers (or use " + ", ".join(sinkers) + ")",
-            )
         if self.calibrate is not None:
             if spec.baseline:
                 raise recipe_error(
@@ -221,6 +221,20 @@ class PruningSection(Strict):
                     fix="set keep: 0",
                 )
         return self
+
+
+def _options_model(name: str, fields: dict):
+    from pydantic import create_model
+
+    cls = "".join(w.capitalize() for w in name.replace("-", "_").split("_")) + "Options"
+    return create_model(cls, __base__=MethodOptions, method=(Literal[name], ...), **fields)
+
+
+# One model per registered method (and `auto`), discriminated on `method`.
+METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
+    name: _options_model(name, dict(m.options)) for name, m in METHODS.items()
+} | {"auto": _options_model("auto", {})}
+PruningSection = Annotated[Union[tuple(METHOD_OPTIONS.values())], Field(discriminator="method")]
 
 
 # --------------------------------------------------------------------------- export / engine / validate / deploy
@@ -379,4 +393,16 @@ def methods_markdown() -> str:
     rows.append(
         f"| `auto` | calibration tries {', '.join(f'`{c}`' for c in auto_candidates())} | no | - (needs `calibrate`) | - |"
     )
+    return "\n".join(rows)
+
+
+def rules_markdown() -> str:
+    """The scoring-rule table of docs/recipes.md, generated from RULES (a test keeps the doc in sync)."""
+    from vpexport.methods import RULES
+
+    rows = ["| rule | kind | where it reads | chooses the visual tokens by |", "|---|---|---|---|"]
+    for name, r in RULES.items():
+        where = "the projector's output (point at layer 0)" if r.pre_llm else (
+            "layer K-1" if r.kind == "score" else "-")
+        rows.append(f"| `{name}` | {r.kind} | {where} | {r.summary} |")
     return "\n".join(rows)
