@@ -529,6 +529,11 @@ RESUME_CASES = [
     ("visipruner", [(2, 20), (6, 0)], 1),
     ("visipruner", [(1, 11), (7, 0)], 0),
     ("random", [(1, 36)], 0),
+    ("dart", [(2, 40)], 0),  # scored per keep from the recorded keys and hidden states
+    ("dart", [(3, 12)], 0),
+    ("divprune", [(0, 30)], 0),  # before the decoder: nothing recorded to resume from
+    ("divprune_exit", [(0, 30), (5, 0)], 0),
+    ("divprune_exit", [(0, 30), (6, 0)], 0),  # the same first point at layer 0: its segment is reused
 ]
 
 

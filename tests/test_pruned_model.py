@@ -72,6 +72,7 @@ SCHEDULES = {
     # 4 visual + 4 text pivots (3 for the 3-token prompt): 19 kept, pivots take unequal counts
     "dart": METHODS["dart"].schedule([(2, 19)]),
     "divprune": METHODS["divprune"].schedule([(0, 11)]),
+    "divprune_exit": METHODS["divprune_exit"].schedule([(0, 11), (3, 0)]),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from vpexport.methods.base import Method, Rule
 from vpexport.methods.baselines import NoPruning, Random, Uniform
 from vpexport.methods.dart import DART
-from vpexport.methods.divprune import DivPrune
+from vpexport.methods.divprune import DivPrune, DivPruneExit
 from vpexport.methods.fastv import FastV
 from vpexport.methods.himap import HiMAP
 from vpexport.methods.visipruner import VisiPruner
@@ -22,6 +22,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     VisiPruner(),
     DART(),
     DivPrune(),
+    DivPruneExit(),
     Random(),
     Uniform(),
 )}

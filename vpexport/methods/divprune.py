@@ -15,7 +15,7 @@ code it is excluded only by its distance 0 to itself, the same unless tokens are
 
 from __future__ import annotations
 
-from vpexport.methods.base import Method, Rule, scaled_keep
+from vpexport.methods.base import DropAll, Method, Rule, scaled_keep, scaled_layer
 
 # The authors' default budget: threshold_ratio 0.1 of the visual tokens.
 DEFAULT_RATIO = 0.1
@@ -88,3 +88,24 @@ class DivPrune(Method):
     def coarse(self, search):
         for k in search.keeps(search.N):
             yield [(0, k)], 0
+
+
+class DivPruneExit(Method):
+    """A combined schedule: DivPrune's diverse subset enters the decoder, and an exit point drops
+    every visual token at a deeper layer (VisiPruner's observation that the deep layers no longer
+    read the image), so the layers after the exit run on text alone."""
+
+    name = "divprune_exit"
+    summary = "DivPrune before the decoder, then drop every visual token at an exit layer"
+    reference = "DivPrune (Alvar et al., CVPR 2025) + VisiPruner's exit (seeds 000, 001)"
+    rules = (MaxMinDiversity(), DropAll())
+
+    def default(self, layers, visual, task):
+        keep = scaled_keep(round(DEFAULT_RATIO * 576), visual)
+        return self.schedule([(0, keep), (scaled_layer(24, layers), 0)],
+                             meta={"published": "DivPrune threshold_ratio 0.1, then VisiPruner's exit layer 24 (combined)"})
+
+    def coarse(self, search):
+        for k in search.keeps(search.N):
+            for exit_ in range(1, search.L):
+                yield [(0, k), (exit_, 0)], 0
