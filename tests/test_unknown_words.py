@@ -49,3 +49,16 @@ def test_pytorch_path_warns_too(capsys):
 def test_unknown_words_from_offsets():
     assert U.unknown_words("ab cd ef", [5, 3, 7], [(0, 2), (3, 5), (6, 8)], 3) == ["cd"]
     assert U.unknown_words("ab", [3], [(0, 2)], None) == []
+
+
+def test_the_pipelines_own_prefix_probe_is_not_a_users_question(capsys):
+    """Opening the PyTorch pipeline probes the prompt layout with a placeholder question; only the
+    user's questions are checked."""
+    from vpexport.methods import METHODS  # noqa: F401  (the table the pipeline's schedule reads)
+    from vpexport.model.loading import load_llava
+    from vpexport.model.pipeline import TorchPipeline
+    from vpexport.pruning.schedule import Schedule
+
+    model, processor = load_llava(MINI, "float32")
+    TorchPipeline(model, processor, "SYSTEM: read the digits. USER: <image>\n{question} ASSISTANT:", Schedule("none"), 4)
+    assert "does not know" not in capsys.readouterr().err

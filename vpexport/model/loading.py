@@ -58,10 +58,13 @@ def render_prompt(template: str, question: str) -> str:
     return template.replace("{question}", question)
 
 
-def encode(processor, template: str, questions: list[str], images: list, pad_to: int | None = None):
-    """input_ids / attention_mask (right-padded) and pixel_values, as torch tensors."""
+def encode(processor, template: str, questions: list[str], images: list, pad_to: int | None = None,
+           check_words: bool = True):
+    """input_ids / attention_mask (right-padded) and pixel_values, as torch tensors. `check_words`:
+    warn (once) about question words the tokenizer does not know; off for internal probes."""
     prompts = [render_prompt(template, q) for q in questions]
-    _check_known(processor.tokenizer, questions)
+    if check_words:
+        _check_known(processor.tokenizer, questions)
     kw = {"padding": "max_length", "max_length": pad_to, "truncation": False} if pad_to else {"padding": True}
     enc = processor(text=prompts, images=images, return_tensors="pt", **kw)
     return enc["input_ids"], enc["attention_mask"], enc["pixel_values"]

@@ -28,7 +28,8 @@ class TorchPipeline:
         self.model, self.processor, self.template = model, processor, template
         self.max_new_tokens = max_new_tokens
         probe_img = _blank_image(model.config.vision_config.image_size)
-        ids, _, _ = encode(processor, template, ["x"], [probe_img])
+        # A probe for the prefix length only: its placeholder question is no user's, so no warning.
+        ids, _, _ = encode(processor, template, ["x"], [probe_img], check_words=False)
         self.prefix = prefix_length(ids, int(model.config.image_token_id))
         self.pruned = PrunedLlava(model, schedule, prefix=self.prefix)
         self.schedule = schedule
