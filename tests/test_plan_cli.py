@@ -203,3 +203,12 @@ def test_counts_out_of_range_exit_2_before_any_work(capsys, argv, option):
     assert e.value.code == 2
     out, err = capsys.readouterr()
     assert f"Invalid value for '{option}'" in err and "is not in the range" in err and out == ""
+
+
+def test_calibrate_help_lists_the_methods_auto_searches():
+    from click.testing import CliRunner
+
+    from vpexport.commands.calibrate import calibrate
+
+    out = " ".join(CliRunner().invoke(calibrate, ["--help"]).output.split())
+    assert "(method auto: " + ", ".join(auto_candidates()) + ")" in out

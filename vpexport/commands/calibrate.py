@@ -14,7 +14,7 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(recipe_path, out, batch_size, as_json):
     """Lowest-FLOPs schedule within the recipe's accuracy tolerance, or with pruning.calibrate.flops_budget
-    the most accurate schedule within that FLOPs ratio (method auto: fastv, himap, visipruner).
+    the most accurate schedule within that FLOPs ratio (method auto: {methods}).
 
     Writes <artifact dir>/schedule.json and calibration.md (exit 6 and schedule.rejected.json when
     no candidate meets the objective)."""
@@ -45,3 +45,13 @@ def calibrate(recipe_path, out, batch_size, as_json):
         click.echo(f"  calibrated at {m['against']}'s FLOPs: {m['schedule']['method']} [{pts}] FLOPs {m['flops']['ratio']:.3f}, "
                    f"eval accuracy {m['eval']['accuracy']:.4f}")
     click.echo(f"  -> {r['dir']}/schedule.json ({r['calibration']['seconds']['total']} s)")
+
+
+# The methods `auto` searches, from the method table (light: no torch).
+def _auto_methods() -> str:
+    from vpexport.methods import auto_candidates
+
+    return ", ".join(auto_candidates())
+
+
+calibrate.help = calibrate.help.replace("{methods}", _auto_methods())
