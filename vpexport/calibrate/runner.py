@@ -142,7 +142,8 @@ class Runner:
                         continue  # scored from the projector's output (`_resume` at layer 0)
                     if rule.keep_dependent:
                         # Scored per candidate (its keep) at resumption, from the tensors it reads:
-                        # the keys and output this pass keeps anyway, not the layer's q / v / mask.
+                        # the layer's keys (as repeated to the query heads) and its output, not its
+                        # q / v / mask. With MHA the keys are the KV record's own tensors.
                         scores[(name, i)] = ScoreInputs(None, kr, None, None, st.key_valid, last_idx, self.p,
                                                         st.n, h_out, pl.norm)
                     else:
