@@ -639,8 +639,9 @@ def search_methods(recipe) -> list[str]:
 
 def check_budget(recipe, arch, layout) -> None:
     """A flops_budget below every schedule the search could try is a recipe error, found from the
-    FLOPs accounting alone (no weights, no data): the cheapest candidate keeps 1 token at layer 1
-    (and VisiPruner drops all at layer 2), whatever the analysis adds to the grid."""
+    FLOPs accounting alone (no weights, no data): the cheapest candidate of the searched methods'
+    grids (e.g. 1 token kept before the decoder and an exit at layer 1, divprune_exit), whatever
+    the analysis adds to the grid."""
     cfg = recipe.pruning.calibrate
     if cfg is None or cfg.flops_budget is None:
         return
