@@ -5,13 +5,13 @@ K-1 computed (its attention, its values); it hands only the kept tokens to layer
 the segment boundaries are exactly the prune layers. A pre-LLM rule (`pre_llm`) instead reads the
 projector's output and its point sits at layer 0, before the decoder. A rule is one of three kinds:
 
-    score   a (B, n) score per visual token, computed inside the graph from layer K-1's tensors;
-            the point keeps the top `keep` (TopK + Gather, static k)
-    fixed   an index set fixed when the model is built (the baselines), no scoring
-    drop    drops every remaining visual token (keep 0)
+    score   (`ScoreRule`) a (B, n) score per visual token, computed inside the graph from layer
+            K-1's tensors; the point keeps the top `keep` (TopK + Gather, static k)
+    fixed   (`FixedRule`) an index set fixed when the model is built (the baselines), no scoring
+    drop    (`DropAll`) drops every remaining visual token (keep 0)
 
-Each rule also states the FLOPs its scoring adds (`flops`, counted by the accounting) and a plain
-per-sample reference of its maths (`reference`, what the tests compare the graphs' kept indices
+Each rule states the FLOPs its scoring adds (`flops`, counted by the accounting); a score rule
+also a plain per-sample reference of its maths (`reference`, what the tests compare the graphs' kept indices
 with).
 
 A **method** is an ordered tuple of rules (one per prune point), its published default schedule,
@@ -25,6 +25,7 @@ before any weights (or torch) load.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
@@ -110,9 +111,11 @@ def gather_rows(x, idx):
 
 # --------------------------------------------------------------------------- rules
 class Rule:
+    """What every rule states; a rule is a `ScoreRule`, a `FixedRule` or `DropAll` (its `kind`)."""
+
     name: ClassVar[str]
     summary: ClassVar[str]
-    kind: ClassVar[str] = "score"  # score | fixed | drop
+    kind: ClassVar[str]  # score | fixed | drop
     # A rule whose choice depends on the budget itself (a greedy selection rather than a ranking)
     # returns a 0/1 score with exactly `keep` ones; calibration then scores it per candidate
     # instead of once per layer.
@@ -121,22 +124,31 @@ class Rule:
     # its point sits at layer 0, reads `ScoreInputs.h_out` as those features and nothing else.
     pre_llm: ClassVar[bool] = False
 
-    def score(self, x: ScoreInputs, keep: int) -> "torch.Tensor":
-        """(B, n) importance of each visual token present (the point keeps the `keep` highest)."""
-        raise NotImplementedError(f"rule {self.name} has no in-graph score (kind {self.kind})")
-
-    def fixed_indices(self, n: int, keep: int, seed: int) -> "torch.Tensor":
-        raise NotImplementedError(f"rule {self.name} has no fixed index set (kind {self.kind})")
-
     def flops(self, t: "TextSpec", n: int, text: int, visual_in: int) -> int:
         """Extra FLOPs of this point's scoring per sample: `n` tokens at layer K-1, `text` text
         tokens, `visual_in` visual tokens present."""
         return 0
 
+
+class ScoreRule(Rule, ABC):
+    kind = "score"
+
+    @abstractmethod
+    def score(self, x: ScoreInputs, keep: int) -> "torch.Tensor":
+        """(B, n) importance of each visual token present (the point keeps the `keep` highest)."""
+
+    @abstractmethod
     def reference(self, x: ReferenceInputs) -> "torch.Tensor":
         """(n,) the same scores as `score`, written plainly for one sample (the tests compare the
         kept indices of the two)."""
-        raise NotImplementedError(f"rule {self.name} has no reference score (kind {self.kind})")
+
+
+class FixedRule(Rule, ABC):
+    kind = "fixed"
+
+    @abstractmethod
+    def fixed_indices(self, n: int, keep: int, seed: int) -> "torch.Tensor":
+        """The `keep` indices (of `n` visual tokens) this point keeps, whatever the input."""
 
 
 class DropAll(Rule):
@@ -146,7 +158,7 @@ class DropAll(Rule):
 
 
 # --------------------------------------------------------------------------- methods
-class Method:
+class Method(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     reference: ClassVar[str] = "-"
@@ -177,9 +189,9 @@ class Method:
             meta=meta or {},
         )
 
+    @abstractmethod
     def default(self, layers: int, visual: int, task: str) -> Schedule:
         """The published default, scaled to a decoder of `layers` layers and `visual` tokens."""
-        raise NotImplementedError
 
     def coarse(self, search: Any) -> Iterable[tuple[list[tuple[int, int]], int]]:
         """Calibration's coarse grid: (points, sink_layers) pairs. `search` offers L, N, `keeps(hi,

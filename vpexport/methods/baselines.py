@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from vpexport.methods.base import Method, Rule, scaled_keep, scaled_layer
+from vpexport.methods.base import FixedRule, Method, scaled_keep, scaled_layer
 from vpexport.pruning.schedule import Schedule
 
 
@@ -19,10 +19,9 @@ class NoPruning(Method):
         return Schedule("none")
 
 
-class RandomSubset(Rule):
+class RandomSubset(FixedRule):
     name = "random"
     summary = "a fixed random subset drawn once from the schedule seed (baseline)"
-    kind = "fixed"
 
     def fixed_indices(self, n, keep, seed):
         import torch
@@ -31,10 +30,9 @@ class RandomSubset(Rule):
         return torch.randperm(n, generator=g)[:keep].sort().values
 
 
-class StridedSubset(Rule):
+class StridedSubset(FixedRule):
     name = "uniform"
     summary = "a spatially strided subset (baseline)"
-    kind = "fixed"
 
     def fixed_indices(self, n, keep, seed):
         """A 2-D lattice when `keep` is a square and the tokens form a square grid."""

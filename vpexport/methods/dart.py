@@ -22,7 +22,7 @@ text tokens than `PIVOT_TEXT` has that many text pivots.
 
 from __future__ import annotations
 
-from vpexport.methods.base import Method, Rule, scaled_keep, scaled_layer
+from vpexport.methods.base import Method, ScoreRule, scaled_keep, scaled_layer
 
 PIVOT_IMAGE = 4
 PIVOT_TEXT = 4
@@ -43,7 +43,7 @@ def takes(keep: int, img: int, pivots: int) -> list[int]:
     return [base + (1 if j < extra else 0) for j in range(pivots)]
 
 
-class DuplicationAware(Rule):
+class DuplicationAware(ScoreRule):
     name = "duplication"
     summary = "pivots by key L1 norm; each keeps the visual tokens least similar to it (DART)"
     keep_dependent = True

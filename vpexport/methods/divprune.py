@@ -15,7 +15,7 @@ code it is excluded only by its distance 0 to itself, the same unless tokens are
 
 from __future__ import annotations
 
-from vpexport.methods.base import DropAll, Method, Rule, scaled_keep, scaled_layer
+from vpexport.methods.base import DropAll, Method, ScoreRule, scaled_keep, scaled_layer
 
 # The authors' default budget: threshold_ratio 0.1 of the visual tokens.
 DEFAULT_RATIO = 0.1
@@ -29,7 +29,7 @@ def cosine_distances(x):
     return 1.0 - torch.matmul(xn, xn.transpose(-1, -2))
 
 
-class MaxMinDiversity(Rule):
+class MaxMinDiversity(ScoreRule):
     name = "diversity"
     summary = "greedy max-min cosine diversity over the projector's output (DivPrune)"
     keep_dependent = True

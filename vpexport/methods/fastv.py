@@ -3,10 +3,10 @@ last token pays them at layer K-1, averaged over heads."""
 
 from __future__ import annotations
 
-from vpexport.methods.base import Method, Rule, attention_probs, gather_rows, scaled_keep, scaled_layer
+from vpexport.methods.base import Method, ScoreRule, attention_probs, gather_rows, scaled_keep, scaled_layer
 
 
-class LastTokenAttention(Rule):
+class LastTokenAttention(ScoreRule):
     name = "last_token_attention"
     summary = "attention the last text token pays each visual token (FastV)"
 

@@ -4,10 +4,10 @@ attention they receive from the other visual tokens (visual -> visual, stage 2).
 
 from __future__ import annotations
 
-from vpexport.methods.base import Method, Rule, attention_probs, scaled_keep, scaled_layer
+from vpexport.methods.base import Method, ScoreRule, attention_probs, scaled_keep, scaled_layer
 
 
-class TextAttention(Rule):
+class TextAttention(ScoreRule):
     name = "text_attention"
     summary = "attention each visual token receives from all tokens after the image (HiMAP stage 1)"
 
@@ -25,7 +25,7 @@ class TextAttention(Rule):
         return x.probs[:, rows][:, :, x.p : x.p + x.n].sum(1).mean(0)
 
 
-class VisualAttention(Rule):
+class VisualAttention(ScoreRule):
     name = "visual_attention"
     summary = "attention each visual token receives from the other visual tokens (HiMAP stage 2)"
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from vpexport.methods.base import DropAll, Method, Rule, attention_probs, gather_rows, scaled_keep, scaled_layer
+from vpexport.methods.base import DropAll, Method, ScoreRule, attention_probs, gather_rows, scaled_keep, scaled_layer
 
 MAX_SINK = 2  # calibration tries sink stages of 0..MAX_SINK layers
 
 
-class ValueContribution(Rule):
+class ValueContribution(ScoreRule):
     name = "value_contribution"
     summary = "L2 norm of a_last,j * v_j, the last token's attention output from token j (VisiPruner fusion)"
 
