@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tests.test_calibrate import mini_recipe, mini_setup  # noqa: F401  (fixtures)
 from tests.tiny import make_batch, tiny_llava
 from vpexport.calibrate.analyze import _blocked_model, fusion_and_exit, tokens_for_mass, value_contribution_cos
-from vpexport.model.pruned import PrunedLlava, causal_mask, repeat_kv
+from vpexport.model.pruned import PrunedModel, causal_mask, repeat_kv
 from vpexport.pruning.schedule import Schedule
 
 
@@ -55,7 +55,7 @@ def test_tokens_for_mass():
 
 
 @torch.no_grad()
-def _masked_forward(pl: PrunedLlava, ids, mask, feats, block_from: int):
+def _masked_forward(pl: PrunedModel, ids, mask, feats, block_from: int):
     """Dense forward where text queries cannot attend visual keys in layers >= block_from."""
     p, n = pl.prefix, pl.visual_tokens
     b, seq = ids.shape
@@ -79,14 +79,14 @@ def test_causal_block_equals_drop_all(layer):
     model = tiny_llava("llama", layers=4)
     ids, mask, px = make_batch(model, [5, 3], prefix=5)
     runner = SimpleNamespace(pipe=SimpleNamespace(model=model), p=5,
-                             model_for=lambda s: PrunedLlava(model, s, 5))
+                             model_for=lambda s: PrunedModel(model, s, 5))
     pl = _blocked_model(runner, layer)
     with torch.no_grad():
         feats = pl.encode_image(px)
         got = pl.prefill(ids, mask, feats).logits
-    ref = _masked_forward(PrunedLlava(model, Schedule("none"), 5), ids, mask, feats, layer)
+    ref = _masked_forward(PrunedModel(model, Schedule("none"), 5), ids, mask, feats, layer)
     assert torch.allclose(got, ref, atol=1e-5)
-    dense = _masked_forward(PrunedLlava(model, Schedule("none"), 5), ids, mask, feats, 99)
+    dense = _masked_forward(PrunedModel(model, Schedule("none"), 5), ids, mask, feats, 99)
     assert not torch.allclose(got, dense, atol=1e-5)
 
 

@@ -240,7 +240,7 @@ def test_impossible_tolerance_exits_6_with_rejected_file(mini_recipe, tmp_path, 
 def test_dominated_candidates_are_skipped_and_paired_rejection():
     """A schedule at least as aggressive as a failed one (same method/sink) is not evaluated; the
     paired sequential test rejects a clearly worse candidate but never a matching one."""
-    from vpexport.arch.builtin import BUILTIN_ARCHS
+    from vpexport.families import BUILTIN_ARCHS
     from vpexport.arch.layout import PromptLayout
     from vpexport.calibrate.search import REJECT_MIN_SAMPLES, Search
 
@@ -541,13 +541,13 @@ RESUME_CASES = [
 def test_resumed_prefill_equals_prefill(mini_recipe, share):
     """runner.py's contract: a candidate resumed from the dense cache (and, with sharing, from the
     cached first segment of another candidate with the same first point) gives exactly the logits
-    and KV cache of `PrunedLlava.prefill` on the same schedule."""
+    and KV cache of `PrunedModel.prefill` on the same schedule."""
     import torch
 
     from vpexport.calibrate.runner import Runner
     from vpexport.calibrate.search import _pipeline
     from vpexport.data import load_samples
-    from vpexport.model.pruned import PrunedLlava
+    from vpexport.model.pruned import PrunedModel
     from vpexport.methods import METHODS
     from vpexport.recipe import load_recipe
 
@@ -557,7 +557,7 @@ def test_resumed_prefill_equals_prefill(mini_recipe, share):
     assert len(rc.batches) == 2
     for method, points, sink in RESUME_CASES:
         s = METHODS[method].schedule(points, sink_layers=sink, seed=3)
-        pl = PrunedLlava(pipe.model, s, rc.p)
+        pl = PrunedModel(pipe.model, s, rc.p)
         for b, eb in enumerate(rc.batches):
             with torch.inference_mode():
                 ref = pl.prefill(eb.ids, eb.mask, eb.feats)

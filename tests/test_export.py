@@ -204,13 +204,13 @@ def test_fp16_export(ckpt, tmp_path):
         types.update({i.name: i.data_type for i in m.graph.initializer})
         matmuls = [n for n in inferred.node if n.op_type == "MatMul"]
         assert matmuls and all(types.get(x) == onnx.TensorProto.FLOAT16 for n in matmuls for x in n.input), graph
-    from vpexport.model.loading import load_llava
-    from vpexport.model.pruned import PrunedLlava
+    from vpexport.model.loading import load_model
+    from vpexport.model.pruned import PrunedModel
     from vpexport.recipe import load_recipe
 
     r = load_recipe(rp)
-    model, _ = load_llava(ckpt, "float16")
-    pm = PrunedLlava(model, r.schedule(), prefix=torch_pruned(ckpt, rp).prefix)
+    model, _ = load_model(ckpt, "float16")
+    pm = PrunedModel(model, r.schedule(), prefix=torch_pruned(ckpt, rp).prefix)
     ids, mask, px = batch_inputs(torch_pruned(ckpt, rp))
     with torch.no_grad():
         feats = pm.encode_image(px)

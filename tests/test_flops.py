@@ -14,9 +14,10 @@ from vpexport.accounting import (
     scoring_flops,
     vision_flops,
 )
-from vpexport.arch.builtin import BUILTIN_ARCHS
+from vpexport.families import BUILTIN_ARCHS
 from vpexport.arch.layout import PromptLayout
-from vpexport.arch.spec import ArchSpec, TextSpec, VisionSpec
+from vpexport.arch.spec import ArchSpec, TextSpec
+from vpexport.families.llava import ClipVisionSpec
 from vpexport.methods import METHODS
 from vpexport.pruning.schedule import Schedule
 from vpexport.recipe import load_recipe
@@ -27,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # dv=4, mv=8, 3 layers with feature_layer -2 -> 2 run; 4 visual tokens.
 TINY = ArchSpec(
     name="tiny",
+    family="llava",
     text=TextSpec(family="llama", hidden=8, intermediate=16, layers=3, heads=2, kv_heads=1, head_dim=4, vocab=10),
-    vision=VisionSpec(hidden=4, intermediate=8, layers=3, heads=1, image_size=4, patch_size=2, channels=3,
+    vision=ClipVisionSpec(hidden=4, intermediate=8, layers=3, heads=1, image_size=4, patch_size=2, channels=3,
                       feature_layer=-2, select_strategy="default"),
     image_token_id=9,
 )  # fmt: skip

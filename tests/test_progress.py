@@ -96,8 +96,8 @@ def test_no_weight_loading_bar_in_a_log():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = ("from vpexport.model.loading import load_llava; "
-            f"load_llava({str(root / 'vpexport/testbed/checkpoints/mini-llava')!r})")
+    code = ("from vpexport.model.loading import load_model; "
+            f"load_model({str(root / 'vpexport/testbed/checkpoints/mini-llava')!r})")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
     assert r.returncode == 0, r.stderr[-1000:]
     assert "Loading weights" not in r.stderr and "\r" not in r.stderr

@@ -7,7 +7,7 @@ import torch
 
 from tests.reference import reference_forward, reference_generate
 from tests.tiny import FAMILIES, make_batch, tiny_llava
-from vpexport.model.pruned import PrunedLlava
+from vpexport.model.pruned import PrunedModel
 from vpexport.methods import METHODS
 from vpexport.pruning.schedule import PrunePoint, Schedule
 
@@ -24,7 +24,7 @@ def _hf_last_logits(model, ids, mask, px):
 @pytest.mark.parametrize("text_lens", [[6], [7, 3, 5]], ids=["batch1", "batch3"])
 def test_unpruned_matches_hf(family, text_lens):
     model = tiny_llava(family)
-    pm = PrunedLlava(model, Schedule("none"), prefix=PREFIX)
+    pm = PrunedModel(model, Schedule("none"), prefix=PREFIX)
     ids, mask, px = make_batch(model, text_lens)
     with torch.no_grad():
         ref = _hf_last_logits(model, ids, mask, px)
@@ -35,7 +35,7 @@ def test_unpruned_matches_hf(family, text_lens):
 
 def test_image_features_match_hf():
     model = tiny_llava("llama")
-    pm = PrunedLlava(model, Schedule("none"), prefix=PREFIX)
+    pm = PrunedModel(model, Schedule("none"), prefix=PREFIX)
     _, _, px = make_batch(model, [3, 4])
     with torch.no_grad():
         ref = model.model.get_image_features(pixel_values=px)
@@ -48,7 +48,7 @@ def test_image_features_match_hf():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unpruned_greedy_generation_matches_hf(family):
     model = tiny_llava(family)
-    pm = PrunedLlava(model, Schedule("none"), prefix=PREFIX)
+    pm = PrunedModel(model, Schedule("none"), prefix=PREFIX)
     ids, mask, px = make_batch(model, [6, 3, 5], seed=1)
     ours, _ = pm.generate(ids, mask, px, max_new_tokens=8, eos_token_id=2)
     for b in range(3):
@@ -81,7 +81,7 @@ SCHEDULES = {
 def test_pruned_matches_plain_reference(method, family):
     model = tiny_llava(family)
     sched = SCHEDULES[method]
-    pm = PrunedLlava(model, sched, prefix=PREFIX)
+    pm = PrunedModel(model, sched, prefix=PREFIX)
     ids, mask, px = make_batch(model, [7, 3, 5], seed=2)
     with torch.no_grad():
         feats = pm.encode_image(px)
@@ -104,15 +104,15 @@ def test_pruned_matches_plain_reference(method, family):
 
 def test_index_rules_are_the_defined_subsets():
     model = tiny_llava("llama")
-    pm = PrunedLlava(model, SCHEDULES["uniform"], prefix=PREFIX)
+    pm = PrunedModel(model, SCHEDULES["uniform"], prefix=PREFIX)
     ids, mask, px = make_batch(model, [4, 2])
     out = pm.prefill(ids, mask, pm.encode_image(px))
     # 9 of a 6x6 grid: a 3x3 lattice with stride 2, centred.
     assert out.kept[0][0].tolist() == [y * 6 + x for y in (1, 3, 5) for x in (1, 3, 5)]
-    pr = PrunedLlava(model, SCHEDULES["random"], prefix=PREFIX)
+    pr = PrunedModel(model, SCHEDULES["random"], prefix=PREFIX)
     k1 = pr.prefill(ids, mask, pr.encode_image(px)).kept[0]
     assert torch.equal(k1[0], k1[1]) and k1[0].unique().numel() == 9
-    other = PrunedLlava(model, METHODS["random"].schedule([(2, 9)], seed=4), prefix=PREFIX)
+    other = PrunedModel(model, METHODS["random"].schedule([(2, 9)], seed=4), prefix=PREFIX)
     assert not torch.equal(other.prefill(ids, mask, other.encode_image(px)).kept[0][0], k1[0])
 
 
@@ -120,7 +120,7 @@ def test_index_rules_are_the_defined_subsets():
 def test_pruned_generation_matches_reference(method):
     model = tiny_llava("llama")
     sched = SCHEDULES[method]
-    pm = PrunedLlava(model, sched, prefix=PREFIX)
+    pm = PrunedModel(model, sched, prefix=PREFIX)
     ids, mask, px = make_batch(model, [6, 3, 5], seed=5)
     ours, out = pm.generate(ids, mask, px, max_new_tokens=6, eos_token_id=2)
     with torch.no_grad():
@@ -134,8 +134,8 @@ def test_pruning_changes_the_answer_path():
     """Sanity: a heavy prune must change logits (the test above could not pass by ignoring pruning)."""
     model = tiny_llava("llama")
     ids, mask, px = make_batch(model, [5])
-    dense = PrunedLlava(model, Schedule("none"), prefix=PREFIX)
-    pruned = PrunedLlava(model, Schedule("fastv", (PrunePoint(1, 2, "last_token_attention"),)), prefix=PREFIX)
+    dense = PrunedModel(model, Schedule("none"), prefix=PREFIX)
+    pruned = PrunedModel(model, Schedule("fastv", (PrunePoint(1, 2, "last_token_attention"),)), prefix=PREFIX)
     with torch.no_grad():
         f = dense.encode_image(px)
         a = dense.prefill(ids, mask, f).logits
@@ -147,7 +147,7 @@ def test_image_span_is_checked():
     from vpexport.errors import UserInputError
 
     model = tiny_llava("llama")
-    pm = PrunedLlava(model, Schedule("none"), prefix=PREFIX + 1)
+    pm = PrunedModel(model, Schedule("none"), prefix=PREFIX + 1)
     ids, mask, px = make_batch(model, [4])
     with pytest.raises(UserInputError, match="image tokens"):
         pm.generate(ids, mask, px, max_new_tokens=2, eos_token_id=2)
@@ -155,7 +155,7 @@ def test_image_span_is_checked():
 
 @pytest.mark.parametrize("method", ["none", "himap", "visipruner"])
 def test_causal_row_blocks_match_full_attention(method, monkeypatch):
-    """Prefill attention split into causal row blocks (PrunedLlava._attn_blocks) equals one block.
+    """Prefill attention split into causal row blocks (PrunedModel._attn_blocks) equals one block.
 
     The tiny model's [prefix][visual] head (41 rows) is below the default block size, so the block
     size is lowered here to cut it into several blocks, at every segment."""
@@ -167,7 +167,7 @@ def test_causal_row_blocks_match_full_attention(method, monkeypatch):
     outs = {}
     for rows in (10**6, 8):
         monkeypatch.setattr(pruned_mod, "ATTN_BLOCK_ROWS", rows)
-        pm = PrunedLlava(model, sched, prefix=PREFIX)
+        pm = PrunedModel(model, sched, prefix=PREFIX)
         with torch.no_grad():
             outs[rows] = pm.prefill(ids, mask, pm.encode_image(px))
     bias = torch.zeros(1, 1, 50, 50)
@@ -191,7 +191,7 @@ def test_rope_rows_are_the_per_call_rotary_embedding(family):
     from vpexport.model.pruned import rope_tables
 
     model = tiny_llava(family)
-    pm = PrunedLlava(model, Schedule("none"), prefix=3)
+    pm = PrunedModel(model, Schedule("none"), prefix=3)
     assert pm.max_positions == model.config.text_config.max_position_embeddings
     h = torch.randn(2, 7, model.config.text_config.hidden_size)
     pos = torch.randint(0, pm.max_positions, (2, 7))

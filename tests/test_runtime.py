@@ -1,5 +1,5 @@
 """The torch-free runtime: preprocessing/tokenizer vs the HF processor, ORT generation vs
-PrunedLlava.generate, a subprocess where torch/transformers cannot import, and exit codes."""
+PrunedModel.generate, a subprocess where torch/transformers cannot import, and exit codes."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _blocked_env(tmp_path: Path) -> dict:
 def test_preprocess_matches_hf_clip_processor(mean_std):
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    from vpexport.export.onnx_export import preprocess_config
+    from vpexport.runtime.preprocess import processor_config as preprocess_config
     from vpexport.runtime.preprocess import Preprocessor
     from vpexport.testbed.model import build_image_processor
 

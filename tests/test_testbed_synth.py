@@ -13,7 +13,7 @@ def test_unknown_arch():
 
 
 def test_full_config_is_exact():
-    from vpexport.arch.builtin import BUILTIN_ARCHS
+    from vpexport.families import BUILTIN_ARCHS
 
     assert synth_config("llava-1.5-13b") == BUILTIN_ARCHS["llava-1.5-13b"].hf_config
 

@@ -55,10 +55,10 @@ def test_the_pipelines_own_prefix_probe_is_not_a_users_question(capsys):
     """Opening the PyTorch pipeline probes the prompt layout with a placeholder question; only the
     user's questions are checked."""
     from vpexport.methods import METHODS  # noqa: F401  (the table the pipeline's schedule reads)
-    from vpexport.model.loading import load_llava
+    from vpexport.model.loading import load_model
     from vpexport.model.pipeline import TorchPipeline
     from vpexport.pruning.schedule import Schedule
 
-    model, processor = load_llava(MINI, "float32")
+    model, processor = load_model(MINI, "float32")
     TorchPipeline(model, processor, "SYSTEM: read the digits. USER: <image>\n{question} ASSISTANT:", Schedule("none"), 4)
     assert "does not know" not in capsys.readouterr().err

@@ -19,9 +19,13 @@ Conventions (see docs/recipes.md, "FLOPs conventions"):
   visual_in = visual tokens at layer K-1): last_token_attention 2*1*n*(H*hd);
   text_attention 2*text*n*(H*hd); visual_attention 2*visual_in*n*(H*hd);
   value_contribution 2*1*n*(H*hd) + 2*visual_in*(H*hd); random / uniform / drop_all 0.
-* Vision tower: patch conv 2*patches*(C*p*p)*dv, then `vision.layers_run` encoder layers at
-  n_v = patches + 1 (CLS): q,k,v,o 4 matrices 2*n_v*dv*dv each, attention 2*2*n_v*n_v*dv,
-  MLP 2*2*n_v*dv*mv. Projector (2 linear layers): 2*N*dv*d + 2*N*d*d, N = arch.visual_tokens.
+* Vision graph: the family's vision spec counts it (vpexport/families). LLaVA's CLIP: patch conv
+  2*patches*(C*p*p)*dv, then `vision.layers_run` encoder layers at n_v = patches + 1 (CLS):
+  q,k,v,o 4 matrices 2*n_v*dv*dv each, attention 2*2*n_v*n_v*dv, MLP 2*2*n_v*dv*mv; projector
+  2*N*dv*d + 2*N*d*d. Qwen2-VL / 2.5-VL: one patch conv over P patches (the still image's two
+  temporal frames folded into it), per block qkv 2*P*dv*3dv, proj 2*P*dv^2, attention 2*2*P^2*dv
+  (Qwen2.5's windowed blocks: the sum over windows of 2*2*w^2*dv), MLP 2 (3 gated) matrices
+  2*P*dv*mv; merger 2*N*(4dv)^2 + 2*N*4dv*d.
 * Everything is multiplied by the batch size.
 
 The papers' convention (`paper_flops`, FastV / HiMAP): per decoder layer
@@ -66,16 +70,9 @@ def scoring_flops(rule: str, t: TextSpec, n: int, text: int, visual_in: int) -> 
 
 
 def vision_flops(arch: ArchSpec, batch: int = 1) -> dict[str, int]:
-    v, d = arch.vision, arch.text.hidden
-    patches, dv, mv = v.patches, v.hidden, v.intermediate
-    nv = patches + 1
-    patch_embed = 2 * patches * (v.channels * v.patch_size * v.patch_size) * dv
-    per_layer = 4 * 2 * nv * dv * dv + 2 * 2 * nv * nv * dv + 2 * 2 * nv * dv * mv
-    encoder = v.layers_run * per_layer
-    N = arch.visual_tokens
-    projector = 2 * N * dv * d + 2 * N * d * d
-    out = {"patch_embed": patch_embed, "encoder": encoder, "projector": projector}
-    out = {k: x * batch for k, x in out.items()}
+    """The vision graph's FLOPs (patch embedding, encoder, projector / merger), as the family's
+    vision spec counts them for the static image size."""
+    out = {k: x * batch for k, x in arch.vision.flops(arch.text.hidden).items()}
     out["total"] = sum(out.values())
     return out
 

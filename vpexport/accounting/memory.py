@@ -50,15 +50,13 @@ def kv_cache_bytes(
 
 def weight_params(arch: ArchSpec) -> dict[str, int]:
     """Parameter counts (weights only, biases and norms ignored except where noted)."""
-    t, v = arch.text, arch.vision
+    t = arch.text
     qd, kvd = t.heads * t.head_dim, t.kv_heads * t.head_dim
     decoder = t.layers * (t.hidden * qd * 2 + t.hidden * kvd * 2 + 3 * t.hidden * t.intermediate)
-    embed = 2 * t.vocab * t.hidden  # input embeddings + lm_head (untied in LLaVA)
-    vision = v.channels * v.patch_size**2 * v.hidden + (v.patches + 1) * v.hidden
-    vision += v.layers * (4 * v.hidden * v.hidden + 2 * v.hidden * v.intermediate)
-    projector = v.hidden * t.hidden + t.hidden * t.hidden
-    return {"decoder": decoder, "embeddings": embed, "vision": vision, "projector": projector,
-            "total": decoder + embed + vision + projector}  # fmt: skip
+    embed = 2 * t.vocab * t.hidden  # input embeddings + lm_head (counted untied)
+    v = arch.vision.params(t.hidden)
+    return {"decoder": decoder, "embeddings": embed, "vision": v["vision"], "projector": v["projector"],
+            "total": decoder + embed + v["vision"] + v["projector"]}  # fmt: skip
 
 
 def weight_bytes(arch: ArchSpec, dtype: str = "float16") -> int:

@@ -44,14 +44,17 @@ def check_template(template: str, field: str = "task.prompt") -> None:
 
 
 def layout_from_tokenizer_file(
-    tokenizer_json: str | Path, template: str, question: str, image_token_id: int, visual: int
+    tokenizer_json: str | Path, template: str, question: str, image_token_id: int, visual: int,
+    image_text: str = IMAGE_PLACEHOLDER,
 ) -> PromptLayout:
-    """Count prefix/text tokens with the `tokenizers` library only (no transformers, no torch)."""
+    """Count prefix/text tokens with the `tokenizers` library only (no transformers, no torch).
+    `image_text`: what the family's processor writes for the placeholder before expanding its one
+    image token (the family's `image_text`)."""
     from tokenizers import Tokenizer
 
     check_template(template)
     tok = Tokenizer.from_file(str(tokenizer_json))
-    ids = tok.encode(template.replace("{question}", question)).ids
+    ids = tok.encode(template.replace("{question}", question).replace(IMAGE_PLACEHOLDER, image_text)).ids
     if image_token_id not in ids:
         raise RecipeError(
             f"the tokenizer does not turn {IMAGE_PLACEHOLDER} into the image token id {image_token_id}",

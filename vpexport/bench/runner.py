@@ -148,7 +148,7 @@ class _Artifacts:
         out = rt.prefill(ids, mask, feats)
         t3 = time.perf_counter()
         cache = rt.start_cache(out, mask, steps)
-        pos = (rt.prefix + rt.visual + out.text_len).astype(np.int64)[:, None]
+        pos = (rt.text_pos0 + out.text_len).astype(np.int64)[:, None]
         logits = out.logits
         t4 = time.perf_counter()
         for _ in range(steps):
@@ -169,11 +169,11 @@ class _HfPeer:
     def __init__(self, recipe, threads: int, batch: int):
         import torch
 
-        from vpexport.model.loading import load_llava
+        from vpexport.model.loading import load_model
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model, self.processor = load_llava(recipe.model_dir, recipe.model.dtype)
+        self.model, self.processor = load_model(recipe.model_dir, recipe.model.dtype, recipe.model.image_size)
         self.template = recipe.task.prompt
         self.precision = str(recipe.model.dtype)
         self.version = f"transformers {__import__('transformers').__version__}, torch {torch.__version__}"

@@ -1,7 +1,7 @@
 """`vpexport analyze`: how a model uses its visual tokens, layer by layer (dense model).
 
 All statistics come from re-running the decoder layers with the model's own q/k/v (the
-`PrunedLlava` pieces, eager attention probabilities; no hooks). Query / key groups follow the
+`PrunedModel` pieces, eager attention probabilities; no hooks). Query / key groups follow the
 prompt layout [system][visual][text]; padded text positions are excluded.
 
 Per layer l (means over the analysed samples):
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from vpexport.calibrate.runner import Runner, accuracy, first_token_kl
-from vpexport.model.pruned import PrunedLlava
+from vpexport.model.pruned import PrunedModel
 from vpexport.pruning.schedule import PrunePoint, Schedule
 
 FUSION_COS = 0.995
@@ -87,7 +87,7 @@ def tokens_for_mass(weights: torch.Tensor, mass: float = CONCENTRATION) -> torch
 
 
 @torch.inference_mode()
-def layer_stats(pl: PrunedLlava, ids, mask, feats) -> list[dict]:
+def layer_stats(pl: PrunedModel, ids, mask, feats) -> list[dict]:
     """Per-layer per-sample statistics of one batch (dense model, eager attention)."""
     p, n = pl.prefix, pl.visual_tokens
     b, seq = ids.shape
@@ -98,7 +98,7 @@ def layer_stats(pl: PrunedLlava, ids, mask, feats) -> list[dict]:
     rows_valid = mask.to(torch.bool)  # (B, S) valid query rows
     out = []
 
-    # The layers run through PrunedLlava.run_layers; each layer's q/k/v are observed here.
+    # The layers run through PrunedModel.run_layers; each layer's q/k/v are observed here.
     def observe(i, state, q, kr, vr, allowed, last_idx, h_out):
         logits = torch.matmul(q, kr.transpose(-1, -2)) / math.sqrt(pl.head_dim)
         probs = torch.softmax(logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).float(), dim=-1)
@@ -142,11 +142,12 @@ def layer_stats(pl: PrunedLlava, ids, mask, feats) -> list[dict]:
     return out
 
 
-def _blocked_model(runner: Runner, layer: int) -> PrunedLlava:
+def _blocked_model(runner: Runner, layer: int) -> PrunedModel:
     """A model whose text never attends visual keys from `layer` on (= drop every visual token there)."""
     if layer >= 1:
         return runner.model_for(Schedule("block", (PrunePoint(layer, 0, "drop_all"),)))
-    pl = PrunedLlava(runner.pipe.model, Schedule("block", (PrunePoint(1, 0, "drop_all"),)), runner.p)
+    pl = PrunedModel(runner.pipe.model, Schedule("block", (PrunePoint(1, 0, "drop_all"),)), runner.p,
+                     image_size=runner.pipe.image_size)
     pl.points = {0: PrunePoint(0, 0, "drop_all")}
     pl.visual_per_layer = [0] * pl.num_layers
     return pl

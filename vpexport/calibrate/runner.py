@@ -4,15 +4,15 @@ A schedule's first prune point sits at layer K1 (> sink_layers). Everything befo
 dense model (with the same sink stage), so one dense pass per (batch, sink_layers) records, at
 every layer i: the hidden state entering layer i, the layer's KV cache, and every rule's score
 read from layer i (for a point at i + 1). A candidate then resumes at K1 from that state, runs
-only layers K1..L-1 (the same maths as `PrunedLlava.prefill`, with the candidate's own
-`PrunedLlava` pieces) and decodes greedily with `PrunedLlava.decode`.
+only layers K1..L-1 (the same maths as `PrunedModel.prefill`, with the candidate's own
+`PrunedModel` pieces) and decodes greedily with `PrunedModel.decode`.
 
 Candidates with two or more points that share their first point (layer, keep, rule, sink stage)
 are also the same model up to their second point K2. With `share=True` the runner records that
 first segment once per batch (the same per-layer record as the dense pass) and resumes each of
 them at K2; only the most recent first point is kept, so callers order candidates by it.
 `tests/test_calibrate.py` checks that both resumptions give exactly the logits and KV cache of
-`PrunedLlava.prefill` on the same schedule.
+`PrunedModel.prefill` on the same schedule.
 
 Images are encoded once per batch (vision tower + projector), and the dense answers once.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from vpexport.evaluation import exact_match, token_f1
-from vpexport.model.pruned import DecoderState, PrunedLlava
+from vpexport.model.pruned import DecoderState, PrunedModel
 from vpexport.methods import RULES, scoring_rules
 from vpexport.methods.base import ScoreInputs
 from vpexport.pruning.schedule import Schedule
@@ -82,8 +82,8 @@ class Runner:
     def __init__(self, pipe, samples, task: str, batch_size: int = 32, progress=None):
 
         self.pipe, self.task = pipe, task
-        self.base: PrunedLlava = pipe.pruned if pipe.schedule.method == "none" and not pipe.schedule.points else PrunedLlava(
-            pipe.model, Schedule("none"), pipe.prefix
+        self.base: PrunedModel = pipe.pruned if pipe.schedule.method == "none" and not pipe.schedule.points else PrunedModel(
+            pipe.model, Schedule("none"), pipe.prefix, image_size=pipe.image_size
         )
         self.L, self.N, self.p = self.base.num_layers, self.base.visual_tokens, self.base.prefix
         self.samples = samples
@@ -102,14 +102,14 @@ class Runner:
         self._dense: dict[tuple[int, int], DenseState] = {}
         self._segments: dict[int, SegmentState] = {}  # batch -> first segment of `_segment_key`
         self._segment_key: tuple | None = None
-        self._models: dict[Schedule, PrunedLlava] = {}
+        self._models: dict[Schedule, PrunedModel] = {}
         self.dense_result: RunResult | None = None
 
     # ------------------------------------------------------------------ models
-    def model_for(self, schedule: Schedule) -> PrunedLlava:
+    def model_for(self, schedule: Schedule) -> PrunedModel:
         key = Schedule(schedule.method, schedule.points, schedule.sink_layers, schedule.seed)
         if key not in self._models:
-            self._models[key] = PrunedLlava(self.pipe.model, schedule, self.p)
+            self._models[key] = PrunedModel(self.pipe.model, schedule, self.p, image_size=self.pipe.image_size)
         return self._models[key]
 
     # ------------------------------------------------------------------ dense pass
@@ -121,7 +121,7 @@ class Runner:
 
     @torch.inference_mode()
     def _dense_pass(self, eb: EncodedBatch, sink: int) -> DenseState:
-        """`PrunedLlava.prefill` with no prune point (sink stage `sink`), recording every layer."""
+        """`PrunedModel.prefill` with no prune point (sink stage `sink`), recording every layer."""
         pl = self.model_for(Schedule("none", sink_layers=sink))
         h_in, scores = {}, {}
         observe = self._observer(pl, sink, h_in, scores)
@@ -129,7 +129,7 @@ class Runner:
         return DenseState(h_in, kv, scores, pl.finish(st))
 
     # ------------------------------------------------------------------ resumed prefill
-    def _observer(self, pl: PrunedLlava, sink: int, h_in: dict, scores: dict):
+    def _observer(self, pl: PrunedModel, sink: int, h_in: dict, scores: dict):
         """`run_layers` observer recording what a later prune point resumes from: the hidden state
         entering each layer and every rule's score read from it (the maths of run_layers' own call)."""
 
@@ -152,7 +152,7 @@ class Runner:
 
         return observe
 
-    def _resume(self, b: int, pl: PrunedLlava, start: int, h: torch.Tensor, scores: dict, base=None):
+    def _resume(self, b: int, pl: PrunedModel, start: int, h: torch.Tensor, scores: dict, base=None):
         """The state entering layer `start` (a prune point of `pl`), with that point's score."""
         eb = self.batches[b]
         point = pl.points[start]
@@ -195,7 +195,7 @@ class Runner:
         self._segment_key = None
 
     @torch.inference_mode()
-    def prefill(self, b: int, schedule: Schedule, pl: PrunedLlava | None = None, share: bool = False):
+    def prefill(self, b: int, schedule: Schedule, pl: PrunedModel | None = None, share: bool = False):
         """(logits, kv) of `schedule` on batch b, resuming the dense pass at the first prune point, or
         with `share` and two or more points, the shared first segment at the second."""
         pl = pl or self.model_for(schedule)
@@ -215,15 +215,15 @@ class Runner:
         return pl.finish(st), kv
 
     @torch.inference_mode()
-    def generate(self, b: int, pl: PrunedLlava, logits, kv) -> list[list[int]]:
-        """Greedy decoding after a prefill (the loop of `PrunedLlava.generate`)."""
+    def generate(self, b: int, pl: PrunedModel, logits, kv) -> list[list[int]]:
+        """Greedy decoding after a prefill (the loop of `PrunedModel.generate`)."""
         eb = self.batches[b]
         text_len = eb.mask[:, self.p + self.N :].sum(-1)
         return pl.greedy(logits, kv, eb.mask, text_len, self.pipe.max_new_tokens, self.pipe.eos_token_id)
 
     # ------------------------------------------------------------------ evaluation
     def run(self, schedule: Schedule, min_accuracy: float | None = None, keep_logits: bool = False,
-            pl: PrunedLlava | None = None, stop=None, share: bool = False) -> RunResult:
+            pl: PrunedModel | None = None, stop=None, share: bool = False) -> RunResult:
         """Per-sample scores of `schedule`. With `min_accuracy`, stop as soon as even a perfect
         remainder could not reach it; with `stop(result_so_far) -> bool`, stop when it says so
         after a batch (the result is then marked incomplete). `share`: see `prefill`."""

@@ -138,8 +138,8 @@ def render(p: dict) -> str:
     lines = [
         f"recipe   {p['recipe']['name']}  ({p['recipe']['path']})",
         f"model    {a['name']} ({a['source']}): decoder {t['layers']} layers, d={t['hidden']}, ffn={t['intermediate']}, "
-        f"heads {t['heads']}/{t['kv_heads']} kv, vocab {t['vocab']}; vision {v['layers']} layers "
-        f"({v['image_size']}px/{v['patch_size']}), {a['visual_tokens']} visual tokens",
+        f"heads {t['heads']}/{t['kv_heads']} kv, vocab {t['vocab']}; vision {v['summary']}, "
+        f"{a['visual_tokens']} visual tokens",
         f"layout   prefix {lay['prefix']} + visual {lay['visual']} + text {lay['text']} = {lay['total']} tokens, "
         f"batch {lay['batch']} (text from {lay['text_source']}; export {lay['text_mode']}, max {lay['text_max']}"
         + (f", buckets {lay['text_buckets']})" if lay.get("text_buckets") else ")"),

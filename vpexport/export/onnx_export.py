@@ -12,7 +12,7 @@ with static k and matches PyTorch in ONNX Runtime; SDPA attention only):
                 -> logits (B,V), new.{i}.key / new.{i}.value (B,KV,1,hd)
 
 decode reads fixed-capacity caches and returns only the step's own key/value per layer
-(PrunedLlava.decode_step): C text slots per cache (the prompt's text, then one per generated
+(PrunedModel.decode_step): C text slots per cache (the prompt's text, then one per generated
 token), `text_mask` marks the filled ones; the runtime writes `new.*` into the next slot
 (vpexport/runtime/kv_cache.py), so no step copies or returns a whole cache.
 
@@ -85,7 +85,7 @@ def kept_points(schedule) -> list:
 
 
 def kept_tensors(schedule, kept: list) -> list:
-    """PrunedLlava's kept list (one entry per point, empty for drop_all) -> the graph's kept.{j} outputs."""
+    """PrunedModel's kept list (one entry per point, empty for drop_all) -> the graph's kept.{j} outputs."""
     return [k for k, p in zip(kept, schedule.points) if p.rule != "drop_all"]
 
 
@@ -265,37 +265,6 @@ def _export_one(module, args, path: Path, names: dict, dynamic_axes: dict, opset
 
 
 # --------------------------------------------------------------------------- runtime assets
-def preprocess_config(image_processor) -> dict:
-    """Everything the CLIP image processor does, as plain data for vpexport.runtime.preprocess."""
-    ip = image_processor
-
-    def size_dict(s):
-        if s is None:
-            return None
-        d = dict(s) if not isinstance(s, int) else {"shortest_edge": s}
-        return {k: v for k, v in d.items() if v is not None}
-
-    resample = getattr(ip, "resample", 3)
-    resample = int(getattr(resample, "value", resample)) if resample is not None else 2
-    return {
-        "processor_class": type(ip).__name__,
-        "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
-        "do_resize": bool(ip.do_resize),
-        "size": size_dict(ip.size),
-        "resample": resample,  # PIL.Image.Resampling value (3 = BICUBIC)
-        "do_center_crop": bool(getattr(ip, "do_center_crop", False)),
-        "crop_size": size_dict(getattr(ip, "crop_size", None)),
-        "do_rescale": bool(ip.do_rescale),
-        "rescale_factor": float(ip.rescale_factor),
-        "do_normalize": bool(ip.do_normalize),
-        "image_mean": [float(x) for x in ip.image_mean],
-        "image_std": [float(x) for x in ip.image_std],
-        "channel_order": "RGB",
-        "layout": "NCHW",
-        "dtype": "float32",
-    }
-
-
 def special_tokens(tokenizer, image_token_id: int) -> dict:
     out = {"image_token_id": int(image_token_id)}
     for name in ("bos", "eos", "pad", "unk"):
@@ -307,14 +276,14 @@ def special_tokens(tokenizer, image_token_id: int) -> dict:
     return out
 
 
-def write_runtime_assets(dst: Path, processor, gen: dict) -> list[str]:
+def write_runtime_assets(dst: Path, processor, gen: dict, preprocess: dict) -> list[str]:
     import json
 
     dst.mkdir(parents=True, exist_ok=True)
     tok = processor.tokenizer
     tok.backend_tokenizer.save(str(dst / "tokenizer.json"))
     (dst / "special_tokens.json").write_text(json.dumps(special_tokens(tok, gen["image_token_id"]), indent=2))
-    (dst / "preprocess.json").write_text(json.dumps(preprocess_config(processor.image_processor), indent=2))
+    (dst / "preprocess.json").write_text(json.dumps(preprocess, indent=2))
     (dst / "generation.json").write_text(json.dumps(gen, indent=2))
     return ["tokenizer.json", "special_tokens.json", "preprocess.json", "generation.json"]
 
@@ -335,10 +304,11 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     _log(log, f"[export] loading {recipe.model.path} ({precision})")
-    from vpexport.model.loading import load_llava
+    from vpexport.model.loading import load_model
 
-    model, processor = load_llava(recipe.model_dir, PRECISION_DTYPE[precision])
-    pipe = TorchPipeline(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens)
+    model, processor = load_model(recipe.model_dir, PRECISION_DTYPE[precision], recipe.model.image_size)
+    pipe = TorchPipeline(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens,
+                         recipe.model.image_size)
     pm = pipe.pruned
     tc = model.config.text_config
     L, p, n = pm.num_layers, pm.prefix, pm.visual_tokens
@@ -355,7 +325,7 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
         )
     names = io_names(L, schedule)
     vision, prefill, decode = _wrappers(pm)
-    vc = model.config.vision_config
+    img_h, img_w = pipe.image_size
     dtype = torch.float32 if precision == "fp32" else torch.float16
 
     stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
@@ -365,8 +335,8 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
         torch.manual_seed(0)
         # ---- vision
         t0 = time.perf_counter()
-        _log(log, f"[export] vision.onnx: pixel_values (B,3,{vc.image_size},{vc.image_size}) -> image_features (B,{n},{tc.hidden_size})")
-        px = torch.randn(2, 3, vc.image_size, vc.image_size)
+        _log(log, f"[export] vision.onnx: pixel_values (B,3,{img_h},{img_w}) -> image_features (B,{n},{tc.hidden_size})")
+        px = torch.randn(2, 3, img_h, img_w)
         raw = raw_dir / "vision" / "model.onnx"
         raw.parent.mkdir(parents=True)
         dyn = {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}}
@@ -407,7 +377,7 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
         free = 2
         text_mask = torch.cat([mask[:, p + n :], torch.zeros(b, free, dtype=mask.dtype)], dim=1)
         step_ids = out.logits.argmax(-1)[:, None]
-        pos = (p + n + out.text_len)[:, None]
+        pos = (pm.text_pos0 + out.text_len)[:, None]
         pad = lambda t: torch.cat([t, torch.zeros(*t.shape[:2], free, t.shape[3], dtype=t.dtype)], dim=2)  # noqa: E731
         past = [pad(t) for kv in out.kv for t in kv]
         dyn = {"input_ids": {0: "batch"}, "position_ids": {0: "batch"}, "text_mask": {0: "batch", 1: "text_total"},
@@ -433,7 +403,11 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
             "task": recipe.task.type,
             "prefix": p,
             "visual_tokens": n,
-            "image_size": int(vc.image_size),
+            "family": pm.family.name,
+            "image_size": [int(img_h), int(img_w)],
+            "image_text": pm.family.image_text,
+            "image_token": tok.convert_ids_to_tokens(int(pm.image_token_id)),
+            "text_position_start": int(pm.text_pos0),
             "hidden_size": int(tc.hidden_size),
             "vocab_size": vocab,
             "image_token_id": int(pm.image_token_id),
@@ -454,7 +428,7 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
             "schedule": schedule.to_dict(),
             "kept_points": [{"layer": q.layer, "keep": q.keep, "rule": q.rule} for q in kept_points(schedule)],
         }
-        rt_files = write_runtime_assets(rt_dir, processor, gen)
+        rt_files = write_runtime_assets(rt_dir, processor, gen, pm.family.preprocess_config(processor))
         save_resolved(recipe, stage)
 
         # ---- move into place

@@ -1,4 +1,4 @@
-"""Load a LLaVA checkpoint from a local `save_pretrained` directory and turn prompts + images
+"""Load a checkpoint of any registered family from a local `save_pretrained` directory and turn prompts + images
 into the model's static layout (right-padded text, image span at a fixed offset)."""
 
 from __future__ import annotations
@@ -11,41 +11,13 @@ from vpexport.errors import UserInputError
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
-def load_llava(path: str | Path, dtype: str = "float32"):
-    """(model, processor); the model in eval mode with SDPA attention (never flash/flex: see research.md)."""
-    import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def load_model(path: str | Path, dtype: str = "float32", image_size=None):
+    """(model, processor) from a local save_pretrained folder, by the family its config.json names
+    (vpexport/families); the model in eval mode with SDPA attention (never flash/flex: see
+    research.md). `image_size` (H, W): the static size of a dynamic-resolution family."""
+    from vpexport.families import load_checkpoint
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserInputError(f"{path} has no config.json", field="model.path", fix="give a save_pretrained directory")
-    _quiet_bars_in_logs()
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=getattr(torch, DTYPES[dtype]), attn_implementation="sdpa"
-        ).eval()
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserInputError(
-            f"cannot load a LLaVA checkpoint from {path}: {str(e).splitlines()[0]}",
-            field="model.path",
-            fix="give a LlavaForConditionalGeneration save_pretrained directory with its processor files",
-        ) from None
-    processor.tokenizer.padding_side = "right"
-    return model, processor
-
-
-def _quiet_bars_in_logs() -> None:
-    """transformers' weight-loading bar redraws with carriage returns; in a log file (stderr not a
-    terminal) it is one long line, so it is turned off there (vpexport.progress prints plain lines)."""
-    import sys
-
-    from vpexport.progress import is_terminal
-
-    if not is_terminal(sys.stderr):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    return load_checkpoint(path, DTYPES[dtype], image_size)[1:]
 
 
 def render_prompt(template: str, question: str) -> str:
@@ -95,20 +67,10 @@ def prefix_length(input_ids, image_token_id: int) -> int:
 
 
 def image_features(model, pixel_values):
-    """Projected visual tokens, (total tokens, text hidden), whatever transformers returns."""
-    import torch
+    """Projected visual tokens, (total tokens, text hidden), as Hugging Face computes them."""
+    from vpexport.families import family_for_model
 
-    cfg = model.config
-    feats = model.model.get_image_features(
-        pixel_values=pixel_values,
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-    )
-    if not torch.is_tensor(feats) and hasattr(feats, "pooler_output"):
-        feats = feats.pooler_output
-    if isinstance(feats, (list, tuple)):
-        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
-    return feats.reshape(-1, feats.shape[-1])
+    return family_for_model(model).hf_image_features(model, pixel_values)
 
 
 def image_embeds(model, input_ids, pixel_values):

@@ -1,4 +1,4 @@
-"""PyTorch answer pipeline: recipe -> loaded checkpoint -> PrunedLlava -> greedy text.
+"""PyTorch answer pipeline: recipe -> loaded checkpoint (any family) -> PrunedModel -> greedy text.
 
 One loaded checkpoint can be re-wrapped with other schedules (`with_schedule`) without
 reloading weights: calibration and evaluation compare many schedules on one model.
@@ -19,25 +19,30 @@ class Answer:
 
 
 class TorchPipeline:
-    def __init__(self, model, processor, template: str, schedule: Schedule, max_new_tokens: int):
+    def __init__(self, model, processor, template: str, schedule: Schedule, max_new_tokens: int, image_size=None):
+        """`image_size` (H, W): the static image size of a dynamic-resolution family (the recipe's
+        model.image_size); the vision tower's own otherwise."""
         import torch
 
+        from vpexport.families import family_for_model
         from vpexport.model.loading import encode, prefix_length
-        from vpexport.model.pruned import PrunedLlava
+        from vpexport.model.pruned import PrunedModel
 
         self.model, self.processor, self.template = model, processor, template
         self.max_new_tokens = max_new_tokens
-        probe_img = _blank_image(model.config.vision_config.image_size)
+        self.family = family_for_model(model)
+        self.image_size = self.family.image_size(model.config.to_dict(), image_size)
+        probe_img = _blank_image(self.image_size)
         # A probe for the prefix length only: its placeholder question is no user's, so no warning.
         ids, _, _ = encode(processor, template, ["x"], [probe_img], check_words=False)
         self.prefix = prefix_length(ids, int(model.config.image_token_id))
-        self.pruned = PrunedLlava(model, schedule, prefix=self.prefix)
+        self.pruned = PrunedModel(model, schedule, prefix=self.prefix, image_size=self.image_size)
         self.schedule = schedule
         self._torch = torch
 
     @classmethod
     def from_recipe(cls, recipe, schedule: Schedule | None = None) -> "TorchPipeline":
-        from vpexport.model.loading import load_llava
+        from vpexport.model.loading import load_model
 
         if recipe.model.path is None:
             from vpexport.errors import RecipeError
@@ -47,13 +52,13 @@ class TorchPipeline:
                 field="model.path",
                 fix="give a local checkpoint directory (or use `vpexport testbed synth` for a random-weight stand-in)",
             )
-        model, processor = load_llava(recipe.model_dir, recipe.model.dtype)
+        model, processor = load_model(recipe.model_dir, recipe.model.dtype, recipe.model.image_size)
         if schedule is None:
             schedule = recipe.schedule() or Schedule("none")
-        return cls(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens)
+        return cls(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens, recipe.model.image_size)
 
     def with_schedule(self, schedule: Schedule) -> "TorchPipeline":
-        return TorchPipeline(self.model, self.processor, self.template, schedule, self.max_new_tokens)
+        return TorchPipeline(self.model, self.processor, self.template, schedule, self.max_new_tokens, self.image_size)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -81,7 +86,7 @@ class TorchPipeline:
         ]
 
 
-def _blank_image(size: int):
+def _blank_image(size: tuple[int, int]):
     from PIL import Image
 
-    return Image.new("RGB", (size, size))
+    return Image.new("RGB", (size[1], size[0]))

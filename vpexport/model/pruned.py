@@ -1,4 +1,4 @@
-"""The rewritten LLaVA: a segmented decoder with static visual-token counts and in-graph pruning.
+"""The rewritten model (any family in vpexport/families): a segmented decoder with static visual-token counts and in-graph pruning.
 
 Built on the loaded Hugging Face modules (weights are shared, never copied). The prompt layout
 is [prefix][visual][text]; `prefix` and the visual counts are Python ints fixed at build time,
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from vpexport.arch.adapters import adapter_for
+from vpexport.families import family_for_model
 from vpexport.errors import UserInputError
 from vpexport.methods import RULES
 from vpexport.methods.base import ScoreInputs, attention_probs
@@ -77,7 +77,18 @@ def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                        torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device))
 
 
-# Causal row blocks in prefill attention (see PrunedLlava._attend): blocks of at least this many query
+def _mrope_channels(rotary_emb, head_dim: int) -> torch.Tensor:
+    """(head_dim,) long: the position channel (0 temporal, 1 height, 2 width) each RoPE dimension
+    reads, as Hugging Face's `recomposition_frequencies` splits the frequencies by `mrope_section`
+    (section i from channel i % 3) and repeats them for the second half."""
+    section = list(rotary_emb.mrope_section)
+    if sum(section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {section} does not cover head_dim {head_dim} // 2")
+    half = torch.cat([torch.full((s,), i % 3, dtype=torch.long) for i, s in enumerate(section)])
+    return torch.cat([half, half])
+
+
+# Causal row blocks in prefill attention (see PrunedModel._attend): blocks of at least this many query
 # rows (smaller blocks cost more in per-op overhead than the masked work they skip), at most this many.
 ATTN_BLOCK_ROWS = 64
 ATTN_MAX_BLOCKS = 8
@@ -96,7 +107,7 @@ class DecoderState:
     """What flows between decoder layers during prefill (shapes follow the current segment)."""
 
     h: torch.Tensor  # (B, L_seg, d)
-    pos: torch.Tensor  # (B, L_seg) original position ids
+    pos: torch.Tensor  # (B, L_seg) original position ids; (B, L_seg, 3) for M-RoPE
     key_valid: torch.Tensor  # (B, L_seg) bool: not padding
     vis_orig: torch.Tensor  # (B, n) original indices of the visual tokens present
     n: int  # visual tokens present (static)
@@ -104,12 +115,14 @@ class DecoderState:
     score: torch.Tensor | None = None  # (B, n) scores read from the last layer, for a point at the next one
 
 
-class PrunedLlava(nn.Module):
+class PrunedModel(nn.Module):
     """`schedule` fixes the segments; `prefix` is the number of tokens before the image."""
 
-    def __init__(self, hf_model, schedule: Schedule, prefix: int):
+    def __init__(self, hf_model, schedule: Schedule, prefix: int, image_size=None):
+        """`image_size` (H, W): the static image size of a dynamic-resolution family (Qwen2-VL)."""
         super().__init__()
-        ad = adapter_for(hf_model)
+        self.family = family_for_model(hf_model)
+        ad = self.family.adapter(hf_model)
         self.adapter = ad
         tc = ad.text_config()
         self.embed_tokens = ad.embed_tokens
@@ -117,8 +130,6 @@ class PrunedLlava(nn.Module):
         self.norm = ad.final_norm
         self.rotary_emb = ad.rotary_emb
         self.lm_head = ad.lm_head
-        self.vision = ad.vision_model
-        self.projector = ad.projector
         q0 = ad.attention_parts(self.layers[0])[0]
         self.num_heads = tc.num_attention_heads
         self.num_kv_heads = tc.num_key_value_heads or self.num_heads
@@ -133,15 +144,19 @@ class PrunedLlava(nn.Module):
         self.max_positions = (int(getattr(tc, "max_position_embeddings", 0) or 0) or None) if fixed_rope else None
         self._rope_cache: dict = {}
 
-        vfl = ad.vision_feature_layer()
-        n_vis_layers = len(self.vision.encoder.layers)
-        self.vision_layers_run = n_vis_layers + 1 + vfl if vfl < 0 else vfl
-        self.drop_cls = ad.drops_cls()
-        vc = hf_model.config.vision_config
-        patches = (vc.image_size // vc.patch_size) ** 2
-        self.visual_tokens = patches + (0 if self.drop_cls else 1)
-
+        self.vision_graph = self.family.vision_graph(hf_model, image_size)
+        self.visual_tokens = self.vision_graph.tokens
         self.prefix = int(prefix)
+        # Positions of the static [prefix][visual] span and of the first text token (the family's
+        # 1-D RoPE or M-RoPE layout); the text and generated tokens continue one by one from it.
+        grid = self.vision_graph.grid
+        self.mrope = self.family.positions == "mrope"
+        self.register_buffer("head_pos", self.family.head_positions(self.prefix, self.visual_tokens, grid),
+                             persistent=False)
+        self.text_pos0 = self.family.text_position_start(self.prefix, self.visual_tokens, grid)
+        if self.mrope:
+            self.register_buffer("mrope_channel", _mrope_channels(self.rotary_emb, self.head_dim), persistent=False)
+
         schedule.check(self.num_layers, self.visual_tokens)
         self.schedule = schedule
         self.points = {p.layer: p for p in schedule.points}
@@ -156,15 +171,8 @@ class PrunedLlava(nn.Module):
 
     # ------------------------------------------------------------------ vision
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """CLIP tower up to `vision_feature_layer` (later layers are not evaluated) + projector."""
-        vm = self.vision
-        h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(self.lm_head.weight.dtype)))
-        for layer in vm.encoder.layers[: self.vision_layers_run]:
-            h = layer(h, None)
-            h = h[0] if isinstance(h, tuple) else h
-        if self.drop_cls:
-            h = h[:, 1:]
-        return self.projector(h)
+        """(B, 3, H, W) normalized pixels -> (B, N, d): the family's vision graph."""
+        return self.vision_graph(pixel_values)
 
     # ------------------------------------------------------------------ decoder pieces
     def rope(self, h: torch.Tensor, pos: torch.Tensor):
@@ -176,9 +184,14 @@ class PrunedLlava(nn.Module):
         positions come from TopK), and an angle of ~600 rad in bf16 is off by whole radians (OpenVINO
         at bf16: relative L2 error ~0.2 in every key after the first prune point). The rows are the
         same numbers the per-call computation gives (one product per element, then cos/sin in f32).
+
+        M-RoPE (`pos` (B, L, 3): temporal / height / width): each head dimension takes its rows from
+        the channel `mrope_channel` names, the same numbers as Hugging Face's per-channel frequencies
+        recomposed by `mrope_section`. A (B, L) `pos` (decode: text positions, equal in every
+        channel) reads the 1-D rows, which is what M-RoPE gives for equal channels.
         """
         if self.max_positions is None:
-            return rope_tables(*self.rotary_emb(h, pos), self.head_dim)
+            return rope_tables(*self.rotary_emb(h, pos.permute(2, 0, 1) if pos.dim() == 3 else pos), self.head_dim)
         key = (h.device, h.dtype)
         if key not in self._rope_cache:
             probe = torch.zeros(1, 1, self.head_dim, device=h.device, dtype=torch.float32)
@@ -186,6 +199,11 @@ class PrunedLlava(nn.Module):
             cos, sin = self.rotary_emb(probe, every)
             self._rope_cache[key] = (cos[0].to(h.dtype), sin[0].to(h.dtype))
         cos, sin = self._rope_cache[key]
+        if pos.dim() == 3:
+            b, l, c = pos.shape
+            ch = self.mrope_channel[None, None, None, :].expand(b, l, 1, self.head_dim)
+            return rope_tables(torch.gather(cos[pos], 2, ch)[:, :, 0], torch.gather(sin[pos], 2, ch)[:, :, 0],
+                               self.head_dim)
         return rope_tables(cos[pos], sin[pos], self.head_dim)
 
     def _qkv(self, i: int, x: torch.Tensor, cos, sin):
@@ -302,9 +320,15 @@ class PrunedLlava(nn.Module):
                 fix="shorten the prompt",
             )
         h = self.merge_embeddings(input_ids, image_features)
+        if self.mrope:
+            text = self.text_pos0 + torch.arange(seq - p - n, device=h.device)
+            pos = torch.cat([self.head_pos.to(h.device), text[:, None].expand(seq - p - n, 3)], dim=0)
+            pos = pos[None].expand(b, seq, 3)
+        else:
+            pos = torch.arange(seq, device=h.device)[None].expand(b, seq)
         return DecoderState(
             h=h,
-            pos=torch.arange(seq, device=h.device)[None].expand(b, seq),
+            pos=pos,
             key_valid=attention_mask.to(torch.bool),
             vis_orig=torch.arange(n, device=h.device)[None].expand(b, n),
             n=n,
@@ -493,7 +517,7 @@ class PrunedLlava(nn.Module):
         """Greedy decoding from prefill logits/KV; the new tokens of each sample (up to, excluding, eos)."""
         b = logits.shape[0]
         text_mask = attention_mask[:, self.prefix + self.visual_tokens :].to(torch.long)
-        next_pos = (self.prefix + self.visual_tokens + text_len)[:, None]
+        next_pos = (self.text_pos0 + text_len)[:, None]
         tokens: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         for step in range(max_new_tokens):

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, PrivateAttr, ValidationError
 
-from vpexport.arch.builtin import BUILTIN_ARCHS
+from vpexport.families import BUILTIN_ARCHS, family
 from vpexport.arch.layout import PromptLayout, check_template, layout_from_tokenizer_file
 from vpexport.arch.spec import ArchSpec
 from vpexport.errors import RecipeError
@@ -212,7 +212,7 @@ class Recipe(RecipeModel):
     def resolve_arch(self) -> ArchSpec:
         if self._arch is None:
             if self.model.arch is not None:
-                self._arch = BUILTIN_ARCHS[self.model.arch].spec()
+                self._arch = BUILTIN_ARCHS[self.model.arch].spec(self.model.image_size)
             elif self.model.synth is not None and not (Path(self.model.path) / "config.json").is_file():
                 raise RecipeError(
                     f"the random-weight stand-in at {self.model.path} has not been created yet",
@@ -221,7 +221,7 @@ class Recipe(RecipeModel):
                 )
             else:
                 try:
-                    self._arch = ArchSpec.from_dir(self.model.path)
+                    self._arch = ArchSpec.from_dir(self.model.path, self.model.image_size)
                 except RecipeError:
                     raise
                 except (KeyError, TypeError, ValueError) as e:  # incl. json.JSONDecodeError
@@ -229,7 +229,7 @@ class Recipe(RecipeModel):
                     raise RecipeError(
                         f"config.json in {self.model.path} {what}",
                         field="model.path",
-                        fix="give a LlavaForConditionalGeneration save_pretrained directory",
+                        fix="give a save_pretrained directory of a supported model family",
                     ) from None
         return self._arch
 
@@ -266,7 +266,8 @@ class Recipe(RecipeModel):
                     field="model.path",
                     fix="save the processor/tokenizer into the model directory (save_pretrained)",
                 )
-            lay = layout_from_tokenizer_file(tok, self.task.prompt, self.first_question(), arch.image_token_id, arch.visual_tokens)
+            lay = layout_from_tokenizer_file(tok, self.task.prompt, self.first_question(), arch.image_token_id,
+                                             arch.visual_tokens, family(arch.family).image_text)
             lay = PromptLayout(lay.prefix, lay.visual, lay.text, batch)
         if lay.text > self.export.text_length.max:
             raise RecipeError(

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from vpexport.arch.builtin import BUILTIN_ARCHS
+from vpexport.families import BUILTIN_ARCHS
 from vpexport.arch.layout import IMAGE_PLACEHOLDER
 from vpexport.methods import METHODS, auto_candidates
 
@@ -50,6 +50,9 @@ class ModelSection(Strict):
     path: str | None = None  # local save_pretrained directory (relative to the recipe's folder unless absolute)
     arch: str | None = None  # built-in architecture (weight-free planning only)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # [H, W] pixels the graphs are built for: required by dynamic-resolution families (Qwen2-VL),
+    # fixed by the vision tower for LLaVA (checked against it when given).
+    image_size: tuple[int, int] | None = None
     synth: SynthSection | None = None  # create a random-weight stand-in at `path` when it is missing
 
     @model_validator(mode="after")

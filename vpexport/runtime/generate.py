@@ -3,7 +3,7 @@
 The graphs run in ONNX Runtime, OpenVINO or TensorRT (vpexport/runtime/providers.py).
 
 Batched requests are right-padded; each sample stops at eos (or max_new_tokens) on its own,
-and the batch keeps decoding until every sample is done, exactly like PrunedLlava.generate.
+and the batch keeps decoding until every sample is done, exactly like PrunedModel.generate.
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ class ArtifactRuntime:
             raise ArtifactError(f"{rt / 'generation.json'} is incomplete ({type(e).__name__}: {e})", field="artifacts",
                                 fix="re-run `vpexport export`") from None
         self.eos = g.get("eos_token_id")
+        # The first text token's position: prefix + visual with 1-D RoPE; with M-RoPE (Qwen2-VL)
+        # the text continues after the image's largest position, prefix + max(grid rows, cols).
+        self.text_pos0 = int(g.get("text_position_start", self.prefix + self.visual))
         self.text_length = TextLength.from_generation(g, str(rt / "generation.json"))
         self.padded = self.text_length.mode == "padded"
         self.text_max = self.text_length.max
@@ -127,7 +130,7 @@ class ArtifactRuntime:
                                  f"with export.batch.max >= {b}")
         out = self.prefill(input_ids, attention_mask, self.encode_image(pixel_values))
         cache = self.start_cache(out, attention_mask, max_new - 1)
-        next_pos = (self.prefix + self.visual + out.text_len).astype(np.int64)[:, None]
+        next_pos = (self.text_pos0 + out.text_len).astype(np.int64)[:, None]
         logits = out.logits
         tokens: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b

@@ -106,3 +106,34 @@ class Preprocessor:
 
     def __call__(self, images) -> np.ndarray:
         return np.stack([self.one(im) for im in images])
+
+
+def processor_config(image_processor) -> dict:
+    """Everything a CLIP-style image processor does, as plain data for this module's Preprocessor."""
+    ip = image_processor
+
+    def size_dict(s):
+        if s is None:
+            return None
+        d = dict(s) if not isinstance(s, int) else {"shortest_edge": s}
+        return {k: v for k, v in d.items() if v is not None}
+
+    resample = getattr(ip, "resample", 3)
+    resample = int(getattr(resample, "value", resample)) if resample is not None else 2
+    return {
+        "processor_class": type(ip).__name__,
+        "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
+        "do_resize": bool(ip.do_resize),
+        "size": size_dict(ip.size),
+        "resample": resample,  # PIL.Image.Resampling value (3 = BICUBIC)
+        "do_center_crop": bool(getattr(ip, "do_center_crop", False)),
+        "crop_size": size_dict(getattr(ip, "crop_size", None)),
+        "do_rescale": bool(ip.do_rescale),
+        "rescale_factor": float(ip.rescale_factor),
+        "do_normalize": bool(ip.do_normalize),
+        "image_mean": [float(x) for x in ip.image_mean],
+        "image_std": [float(x) for x in ip.image_std],
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        "dtype": "float32",
+    }

@@ -1,7 +1,9 @@
 """Prompt tokenization with the `tokenizers` library, in the model's static layout.
 
-As the LLaVA processor does: the template's `<image>` placeholder becomes `visual_tokens` image
-tokens before tokenizing; bos etc. come from the tokenizer's post-processor. Text is right-padded.
+As the model family's processor does: the template's `<image>` placeholder becomes the family's
+image text (`image_text` in generation.json: `<image>` for LLaVA, `<|vision_start|><|image_pad|>
+<|vision_end|>` for Qwen2-VL) with its image token repeated `visual_tokens` times; bos etc. come
+from the tokenizer's post-processor. Text is right-padded.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ class PromptTokenizer:
         self.prefix, self.visual = int(gen["prefix"]), int(gen["visual_tokens"])
         self.image_token_id = int(gen["image_token_id"])
         self.pad_id = int(gen["pad_token_id"])
+        self.image_text = gen.get("image_text", IMAGE_PLACEHOLDER)
+        self.image_token = gen.get("image_token", IMAGE_PLACEHOLDER)
         added = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
-        self._image_is_added_token = added.get(IMAGE_PLACEHOLDER) == self.image_token_id
+        self._image_is_added_token = added.get(self.image_token) == self.image_token_id
 
     def render(self, question: str) -> str:
         if IMAGE_PLACEHOLDER in question:
@@ -53,8 +57,8 @@ class PromptTokenizer:
 
     def encode_one(self, question: str) -> list[int]:
         p, n = self.prefix, self.visual
-        text = self.render(question)
-        if self._image_is_added_token and text.count(IMAGE_PLACEHOLDER) == 1:
+        text = self.render(question).replace(IMAGE_PLACEHOLDER, self.image_text)
+        if self._image_is_added_token and text.count(self.image_token) == 1:
             # The tokenizer splits added tokens out before anything else, so one placeholder
             # tokenizes its neighbours exactly as n of them do; expanding the id afterwards skips
             # tokenizing n placeholders (~1.3 ms of the LLaVA-1.5 prompt's ~1.6 ms).
@@ -63,7 +67,7 @@ class PromptTokenizer:
                 at = ids.index(self.image_token_id)
                 ids = ids[:at] + [self.image_token_id] * n + ids[at + 1 :]
         else:
-            ids = self.tok.encode(text.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * n), add_special_tokens=True).ids
+            ids = self.tok.encode(text.replace(self.image_token, self.image_token * n), add_special_tokens=True).ids
         if ids[p : p + n] != [self.image_token_id] * n or ids.count(self.image_token_id) != n:
             raise UserInputError(
                 f"image tokens are not at positions [{p}, {p + n}) of the prompt",

@@ -22,12 +22,14 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 def synth_config(arch: str, layers: int | None = None, hidden: int | None = None,
                  vision_layers: int | None = None) -> dict:
-    from vpexport.arch.builtin import BUILTIN_ARCHS
+    from vpexport.families import FAMILIES
 
-    if arch not in BUILTIN_ARCHS:
-        raise UserInputError(f"unknown architecture {arch!r}", field="--arch",
-                             fix="use one of " + ", ".join(sorted(BUILTIN_ARCHS)))
-    cfg = copy.deepcopy(BUILTIN_ARCHS[arch].hf_config)
+    archs = FAMILIES["llava"].builtins
+    if arch not in archs:
+        # Qwen2-VL stand-ins need their own tokenizer and processor files: not made yet.
+        raise UserInputError(f"no random-weight stand-in for architecture {arch!r}", field="--arch",
+                             fix="use one of " + ", ".join(sorted(archs)))
+    cfg = copy.deepcopy(archs[arch].hf_config)
     t = cfg["text_config"]
     if layers is not None:
         if layers < 1 or layers > t["num_hidden_layers"]:

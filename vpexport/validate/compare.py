@@ -7,7 +7,7 @@ attention_mask, PyTorch's image features), decode (one step from PyTorch's prefi
 passes when |onnx - torch| <= atol + rtol * |torch| everywhere (numpy.allclose); max_abs and
 max_rel (= max |onnx - torch| / max(|torch|, 1e-12)) are reported. Then: kept indices equal at
 every prune point, greedy generations (runtime tokenizer + preprocessing + ORT loop vs the HF
-processor + PrunedLlava.generate) identical, and accuracy equal. All failures are collected;
+processor + PrunedModel.generate) identical, and accuracy equal. All failures are collected;
 the caller raises ValidationFailed (exit 4) when `report["passed"]` is false.
 """
 
@@ -112,7 +112,7 @@ def validate_artifacts(
     from vpexport.export.onnx_export import kept_tensors
     from vpexport.evaluation import MAIN_METRIC, score
     from vpexport.manifest import artifact_digest, read_manifest, update_manifest
-    from vpexport.model.loading import load_llava
+    from vpexport.model.loading import load_model
     from vpexport.model.pipeline import TorchPipeline
     from vpexport.pruning.schedule import Schedule
     from vpexport.runtime import ArtifactRuntime
@@ -131,8 +131,9 @@ def validate_artifacts(
     data = load_samples(recipe.require_data("eval"), n_req, field="task.data.eval")
 
     say(f"[validate] loading PyTorch model ({precision}) and the artifacts ({provider})")
-    model, processor = load_llava(recipe.model_dir, {"fp32": "float32", "fp16": "float16"}[precision])
-    pipe = TorchPipeline(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens)
+    model, processor = load_model(recipe.model_dir, {"fp32": "float32", "fp16": "float16"}[precision], recipe.model.image_size)
+    pipe = TorchPipeline(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens,
+                         recipe.model.image_size)
     pm = pipe.pruned
     rt = ArtifactRuntime.open(d, provider=provider, verify=False, precision=precision_req)
     # A runtime may compute below the export's precision (OpenVINO bf16 on fp32 graphs): then its own
@@ -202,10 +203,10 @@ def validate_artifacts(
         if len(po.kept) != len(ref_kept):
             kept_bad["count"] = abs(len(po.kept) - len(ref_kept))
         # decode: one step from PyTorch's prefill state (the runtime's fixed-capacity caches hold
-        # PyTorch's prefill keys/values; the reference is PrunedLlava.decode, which concatenates)
+        # PyTorch's prefill keys/values; the reference is PrunedModel.decode, which concatenates)
         b = ids.shape[0]
         nxt = ref.logits.argmax(-1)[:, None]
-        pos = (p + n + ref.text_len)[:, None]
+        pos = (pm.text_pos0 + ref.text_len)[:, None]
         text_mask = torch.cat([tm[:, p + n :], torch.ones(b, 1, dtype=tm.dtype)], dim=1)
         with torch.inference_mode():
             dl, dkv = pm.decode(nxt, pos, text_mask, ref.kv)
