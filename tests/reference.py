@@ -1,4 +1,4 @@
-"""A deliberately plain reference for pruned LLaVA prefill/generation, for tests only.
+"""A deliberately plain reference for pruned prefill/generation (any family), for tests only.
 
 It shares nothing with vpexport/model/pruned.py: attention is computed as full probability
 matrices from the Hugging Face projections and HF's own RoPE helper, scores follow the
@@ -32,7 +32,7 @@ def _attention(layer, h, pos, allowed, rotary, sink_mode, p, n, nh, nkv):
     q = a.q_proj(x).view(b, l, nh, hd).transpose(1, 2)
     k = a.k_proj(x).view(b, l, nkv, hd).transpose(1, 2)
     v = a.v_proj(x).view(b, l, nkv, hd).transpose(1, 2)
-    cos, sin = rotary(h, pos)
+    cos, sin = rotary(h, pos)  # pos (1, L), or (3, 1, L) for M-RoPE: the model's own recomposition
     q, k = _rope(q, k, cos, sin)
     k = k.repeat_interleave(nh // nkv, dim=1)
     v = v.repeat_interleave(nh // nkv, dim=1)
@@ -60,8 +60,9 @@ def _scores(rule, probs, k, v, hidden, p, n, last, text_valid, keep):
 
 
 @torch.no_grad()
-def reference_forward(model, ids, mask, feats, prefix, schedule: Schedule, fixed_kept=None):
-    """Last-position logits (B, V) and the kept original visual indices per point, per sample."""
+def reference_forward(model, ids, mask, feats, prefix, schedule: Schedule, fixed_kept=None, positions=None):
+    """Last-position logits (B, V) and the kept original visual indices per point, per sample.
+    `positions(row_ids)`: a sample's (L,) or (L, 3) (M-RoPE) positions for its valid ids; default 0..L-1."""
     lm = model.model.language_model
     tc = model.config.text_config
     nh, nkv = tc.num_attention_heads, tc.num_key_value_heads
@@ -72,7 +73,7 @@ def reference_forward(model, ids, mask, feats, prefix, schedule: Schedule, fixed
         emb = lm.embed_tokens(ids[b : b + 1, :valid]).clone()
         emb[0, prefix : prefix + n_full] = feats[b]
         h = emb
-        pos = list(range(valid))
+        pos = list(range(valid)) if positions is None else positions(ids[b, :valid]).tolist()
         vis = list(range(n_full))  # original visual indices present
         text_valid = [1] * (valid - prefix - n_full)
         kept_b, probs, k, v = [], None, None, None
@@ -109,9 +110,8 @@ def reference_forward(model, ids, mask, feats, prefix, schedule: Schedule, fixed
             sink = None
             if i < schedule.sink_layers:
                 sink = "redirect" if i == 0 else "mask"
-            h, probs, k, v = _attention(
-                layer, h, torch.tensor([pos]), allowed, lm.rotary_emb, sink, prefix, len(vis), nh, nkv
-            )
+            pt = torch.tensor([pos]) if positions is None else torch.tensor(pos).T[:, None, :]
+            h, probs, k, v = _attention(layer, h, pt, allowed, lm.rotary_emb, sink, prefix, len(vis), nh, nkv)
         h = lm.norm(h)
         logits_out.append(model.lm_head(h[:, -1])[0])
         kept_out.append(kept_b)
@@ -120,9 +120,9 @@ def reference_forward(model, ids, mask, feats, prefix, schedule: Schedule, fixed
 
 
 @torch.no_grad()
-def reference_generate(model, ids, mask, feats, prefix, schedule, max_new_tokens, eos):
+def reference_generate(model, ids, mask, feats, prefix, schedule, max_new_tokens, eos, positions=None):
     """Greedy, no KV cache: re-run everything with the prefill's visual choices fixed."""
-    logits, kept = reference_forward(model, ids, mask, feats, prefix, schedule)
+    logits, kept = reference_forward(model, ids, mask, feats, prefix, schedule, positions=positions)
     outs = []
     for b in range(ids.shape[0]):
         valid = int(mask[b].sum())
@@ -136,6 +136,7 @@ def reference_generate(model, ids, mask, feats, prefix, schedule, max_new_tokens
                 break
             toks.append(t)
             seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
-            lg, _ = reference_forward(model, seq, torch.ones_like(seq), feats[b : b + 1], prefix, schedule, fixed)
+            lg, _ = reference_forward(model, seq, torch.ones_like(seq), feats[b : b + 1], prefix, schedule, fixed,
+                                      positions)
         outs.append(toks)
     return outs, kept, logits
