@@ -52,7 +52,7 @@ class ModelSection(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # [H, W] pixels the graphs are built for: required by dynamic-resolution families (Qwen2-VL),
     # fixed by the vision tower for LLaVA (checked against it when given).
-    image_size: tuple[int, int] | None = None
+    image_size: list[int] | None = None
     synth: SynthSection | None = None  # create a random-weight stand-in at `path` when it is missing
 
     @model_validator(mode="after")
@@ -62,6 +62,9 @@ class ModelSection(Strict):
                 "give exactly one of path / arch" + (" (both are set)" if self.path is not None else ""),
                 fix="path: a save_pretrained directory, or arch: one of " + ", ".join(BUILTIN_ARCHS),
             )
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise recipe_error(f"{self.image_size} is not [H, W]", sub="image_size",
+                               fix="give two positive pixel counts, e.g. [448, 448]")
         if self.path is not None and not self.path.strip():
             raise recipe_error("is empty", sub="path", fix="give a save_pretrained directory")
         if self.synth is not None and self.path is None:

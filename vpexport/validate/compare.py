@@ -141,7 +141,7 @@ def validate_artifacts(
     # reduced-precision thresholds against the full-precision PyTorch model instead of equality.
     run_precision = RUNTIME_TO_TOLERANCE.get(str(rt.precision), precision)
     reduced = run_precision != precision
-    tol = pm.adapter.tolerances[run_precision]
+    tol = pm.family.tolerances[run_precision]
     # The recipe's atol / rtol are for the export's precision; a reduced-precision run uses its own.
     atol = recipe.validation.atol if recipe.validation.atol is not None and not reduced else tol.atol
     rtol = recipe.validation.rtol if recipe.validation.rtol is not None and not reduced else tol.rtol
