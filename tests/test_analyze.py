@@ -78,7 +78,7 @@ def _masked_forward(pl: PrunedModel, ids, mask, feats, block_from: int):
 def test_causal_block_equals_drop_all(layer):
     model = tiny_llava("llama", layers=4)
     ids, mask, px = make_batch(model, [5, 3], prefix=5)
-    runner = SimpleNamespace(pipe=SimpleNamespace(model=model), p=5,
+    runner = SimpleNamespace(pipe=SimpleNamespace(model=model, image_size=None), p=5,
                              model_for=lambda s: PrunedModel(model, s, 5))
     pl = _blocked_model(runner, layer)
     with torch.no_grad():

@@ -33,19 +33,16 @@ def text_spec(cfg: dict, qkv_bias: bool | None = None) -> TextSpec:
     """The decoder's numbers from a multimodal config: its `text_config`, or (older checkpoints) the
     top level. `qkv_bias`: the family's own rule where it has one."""
     t = cfg.get("text_config") or cfg
-    try:
-        heads = t["num_attention_heads"]
-        hidden = t["hidden_size"]
-        family = t.get("model_type", "llama")
-        return TextSpec(
-            family=family, hidden=hidden, intermediate=t["intermediate_size"], layers=t["num_hidden_layers"],
-            heads=heads, kv_heads=t.get("num_key_value_heads") or heads, head_dim=t.get("head_dim") or hidden // heads,
-            vocab=t["vocab_size"],
-            qkv_bias=qkv_bias if qkv_bias is not None else family == "qwen2" or bool(t.get("attention_bias", False)),
-        )
-    except KeyError as e:
-        raise RecipeError(f"config.json's text config has no {e.args[0]!r}", field="model.path",
-                          fix="give a save_pretrained directory of a supported model") from None
+    # A missing key raises KeyError: the recipe loader names the file and the key.
+    heads = t["num_attention_heads"]
+    hidden = t["hidden_size"]
+    family = t.get("model_type", "llama")
+    return TextSpec(
+        family=family, hidden=hidden, intermediate=t["intermediate_size"], layers=t["num_hidden_layers"],
+        heads=heads, kv_heads=t.get("num_key_value_heads") or heads, head_dim=t.get("head_dim") or hidden // heads,
+        vocab=t["vocab_size"],
+        qkv_bias=qkv_bias if qkv_bias is not None else family == "qwen2" or bool(t.get("attention_bias", False)),
+    )
 
 
 @dataclass(frozen=True)
