@@ -78,3 +78,32 @@ def test_missing_standin_message_gives_the_command_that_creates_it(tmp_path):
     assert (tmp_path / "standin" / "config.json").is_file()
     r = cli("plan", rp)
     assert r.returncode == 0, r.stderr[-1000:]
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl-2b", "qwen2.5-vl-7b"])
+def test_qwen_synth_loads_as_a_users_folder(tmp_path, arch):
+    """A Qwen stand-in is a folder as a user has it (no combined processor): it loads through the
+    family, answers in the Qwen chat layout, and keeps GQA / M-RoPE head size / the window mix."""
+    import torch
+    from PIL import Image
+
+    from vpexport.families import load_checkpoint
+    from vpexport.model.pipeline import TorchPipeline
+    from vpexport.pruning.schedule import Schedule
+
+    out = tmp_path / "syn"
+    meta = synth(arch, out, layers=2, hidden=256, vision_layers=2, dtype="fp32", image_size=(112, 112))
+    assert meta["visual_tokens"] == 16 and "<image>" in meta["prompt_template"]
+    cfg = json.loads((out / "config.json").read_text())
+    t, v = cfg["text_config"], cfg["vision_config"]
+    assert t["vocab_size"] == 151936 and t["num_hidden_layers"] == 2 and t["hidden_size"] == 256
+    assert t["hidden_size"] // t["num_attention_heads"] == 128 or t.get("head_dim") == 128
+    if arch.startswith("qwen2.5"):
+        assert v["depth"] == 2 and v["fullatt_block_indexes"] == [1] and v["out_hidden_size"] == 256
+    fam, model, proc = load_checkpoint(out, "float32", (112, 112))
+    assert fam.name == arch.rsplit("-", 1)[0]
+    pipe = TorchPipeline(model, proc, meta["prompt_template"], Schedule("none"), 3, (112, 112))
+    with torch.no_grad():
+        ans = pipe.answer([Image.new("RGB", (64, 48))], ["what is it ?"])
+    assert pipe.prefix == 11  # <|im_start|> system You are a helpful assistant . <|im_end|> <|im_start|> user <|vision_start|>
+    assert len(ans[0].tokens) >= 1

@@ -125,7 +125,8 @@ def ensure_model(recipe, log) -> None:
     log(f"[build] creating the random-weight stand-in {syn.arch} at {recipe.model.path} (speed work only)")
     target = Path(recipe.model.path)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    synth(syn.arch, tmp, layers=syn.layers, hidden=syn.hidden, vision_layers=syn.vision_layers, dtype=recipe.synth_dtype, seed=syn.seed)
+    synth(syn.arch, tmp, layers=syn.layers, hidden=syn.hidden, vision_layers=syn.vision_layers, dtype=recipe.synth_dtype, seed=syn.seed,
+          image_size=recipe.model.image_size)
     tmp.rename(target)
 
 

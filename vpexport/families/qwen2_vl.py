@@ -182,7 +182,7 @@ class Qwen2VLFamily(ModelFamily):
         return h, w
 
     # ---------------------------------------------------------------- torch
-    def _model_class(self):
+    def model_class(self):
         from transformers import Qwen2VLForConditionalGeneration
 
         return Qwen2VLForConditionalGeneration
@@ -195,7 +195,7 @@ class Qwen2VLFamily(ModelFamily):
 
         quiet_bars_in_logs()
         try:
-            model = self._model_class().from_pretrained(path, dtype=getattr(torch, dtype),
+            model = self.model_class().from_pretrained(path, dtype=getattr(torch, dtype),
                                                         attn_implementation="sdpa").eval()
             tokenizer = AutoTokenizer.from_pretrained(path)
             image_processor = _image_processor(path)
@@ -282,7 +282,7 @@ class Qwen25VLFamily(Qwen2VLFamily):
             out_hidden=int(v["out_hidden_size"]), gated_mlp=True, window=int(v.get("window_size", 112)),
             full_attention_layers=tuple(int(i) for i in v.get("fullatt_block_indexes", ())))
 
-    def _model_class(self):
+    def model_class(self):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         return Qwen2_5_VLForConditionalGeneration

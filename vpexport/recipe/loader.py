@@ -206,6 +206,8 @@ class Recipe(RecipeModel):
         for flag, value in (("--layers", syn.layers), ("--hidden", syn.hidden), ("--vision-layers", syn.vision_layers)):
             if value is not None:
                 cmd += f" {flag} {value}"
+        if self.model.image_size is not None:
+            cmd += " --image-size {}x{}".format(*self.model.image_size)
         return cmd
 
     # ------------------------------------------------------------ arch / layout / schedule

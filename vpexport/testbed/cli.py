@@ -108,19 +108,30 @@ def eval_cmd(ckpt, jsonl, limit, drop_keep, drop_layer):
 
 
 @testbed.command("synth")
-@click.option("--arch", required=True, help="llava-1.5-7b or llava-1.5-13b.")
+@click.option("--arch", required=True, help="A built-in architecture: llava-1.5-7b, llava-1.5-13b, qwen2-vl-2b, "
+              "qwen2.5-vl-3b, qwen2.5-vl-7b.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--layers", default=None, type=int, help="Fewer decoder layers (speed work).")
 @click.option("--hidden", default=None, type=int, help="Smaller text width (speed work).")
-@click.option("--vision-layers", default=None, type=int, help="Fewer CLIP layers (default: exact 24).")
+@click.option("--vision-layers", default=None, type=int, help="Fewer vision-tower layers (default: the exact count).")
+@click.option("--image-size", default=None, help="HxW pixels the Qwen stand-in's recipes use (default 448x448).")
 @click.option("--dtype", default="fp16", show_default=True, help="fp32, fp16 or bf16.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def synth_cmd(arch, out, layers, hidden, vision_layers, dtype, seed):
-    """Random-weight LLaVA-1.5 stand-in (exact architecture). No quality figure comes from it."""
+def synth_cmd(arch, out, layers, hidden, vision_layers, image_size, dtype, seed):
+    """Random-weight stand-in of a built-in architecture (exact unless reduced). No quality figure
+    comes from it."""
     from vpexport.testbed.synth import synth_config
 
     synth_config(arch, layers, hidden, vision_layers)  # validate before importing torch
+    size = None
+    if image_size is not None:
+        parts = image_size.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise UserInputError(f"--image-size {image_size!r} is not HxW", field="--image-size",
+                                 fix="give e.g. 896x896")
+        size = (int(parts[0]), int(parts[1]))
     from vpexport.testbed.synth import synth
 
-    meta = synth(arch, out, layers=layers, hidden=hidden, vision_layers=vision_layers, dtype=dtype, seed=seed)
+    meta = synth(arch, out, layers=layers, hidden=hidden, vision_layers=vision_layers, dtype=dtype, seed=seed,
+                 image_size=size)
     click.echo(f"saved {out} ({meta['parameters']:,} parameters, random weights: no quality figure comes from it)")

@@ -22,14 +22,12 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 def synth_config(arch: str, layers: int | None = None, hidden: int | None = None,
                  vision_layers: int | None = None) -> dict:
-    from vpexport.families import FAMILIES
+    from vpexport.families import BUILTIN_ARCHS
 
-    archs = FAMILIES["llava"].builtins
-    if arch not in archs:
-        # Qwen2-VL stand-ins need their own tokenizer and processor files: not made yet.
-        raise UserInputError(f"no random-weight stand-in for architecture {arch!r}", field="--arch",
-                             fix="use one of " + ", ".join(sorted(archs)))
-    cfg = copy.deepcopy(archs[arch].hf_config)
+    if arch not in BUILTIN_ARCHS:
+        raise UserInputError(f"unknown architecture {arch!r}", field="--arch",
+                             fix="use one of " + ", ".join(sorted(BUILTIN_ARCHS)))
+    cfg = copy.deepcopy(BUILTIN_ARCHS[arch].hf_config)
     t = cfg["text_config"]
     if layers is not None:
         if layers < 1 or layers > t["num_hidden_layers"]:
@@ -44,15 +42,30 @@ def synth_config(arch: str, layers: int | None = None, hidden: int | None = None
         heads = max(1, hidden // head_dim)
         while hidden % heads:
             heads -= 1
+        # Keep the query/key-value grouping where the heads allow it (GQA in Qwen2-VL).
+        groups = t["num_attention_heads"] // t.get("num_key_value_heads", t["num_attention_heads"])
+        kv = heads // groups if heads % groups == 0 and heads >= groups else heads
         t["intermediate_size"] = int(round(t["intermediate_size"] * hidden / t["hidden_size"] / 8)) * 8
         t["hidden_size"] = hidden
-        t["num_attention_heads"] = t["num_key_value_heads"] = heads
+        t["num_attention_heads"], t["num_key_value_heads"] = heads, kv
+        if head_dim * heads != hidden:
+            t["head_dim"] = head_dim  # M-RoPE's sections are fixed to the original head size
+        v = cfg["vision_config"]
+        if "out_hidden_size" in v:
+            v["out_hidden_size"] = hidden  # Qwen2.5-VL: the merger writes the decoder's width
+        elif "embed_dim" in v:
+            v["hidden_size"] = hidden  # Qwen2-VL: the vision config's hidden_size is the merger's output
     if vision_layers is not None:
         v = cfg["vision_config"]
-        if vision_layers < 1 or vision_layers > v["num_hidden_layers"]:
-            raise UserInputError(f"--vision-layers must be 1..{v['num_hidden_layers']} (got {vision_layers})",
-                                 field="--vision-layers")
-        v["num_hidden_layers"] = vision_layers
+        key = "num_hidden_layers" if "num_hidden_layers" in v else "depth"
+        if vision_layers < 1 or vision_layers > v[key]:
+            raise UserInputError(f"--vision-layers must be 1..{v[key]} (got {vision_layers})", field="--vision-layers")
+        v[key] = vision_layers
+        if "fullatt_block_indexes" in v:
+            # Qwen2.5-VL: keep the mix of windowed and full-attention blocks; the last kept block
+            # attends fully, as the full tower's last block does.
+            v["fullatt_block_indexes"] = sorted({i for i in v["fullatt_block_indexes"] if i < vision_layers - 1}
+                                                | {vision_layers - 1})
     return cfg
 
 
@@ -76,46 +89,43 @@ def synth_tokenizer(image_token_index: int):
 
 
 def synth(arch: str, out: str | Path, layers=None, hidden=None, vision_layers=None, dtype: str = "fp16",
-          seed: int = 0) -> dict:
+          seed: int = 0, image_size=None) -> dict:
+    """Write a random-weight stand-in of built-in `arch` to `out` (save_pretrained layout, with its
+    tokenizer and image-processor files); `image_size` (H, W): the visual-token count recorded for a
+    dynamic-resolution family (default: the built-in's)."""
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from vpexport.testbed.model import META_FILE, build_processor
+    from vpexport.families import BUILTIN_ARCHS
+    from vpexport.testbed.model import META_FILE
 
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype {dtype!r}", field="--dtype", fix="use fp32, fp16 or bf16")
     raw = synth_config(arch, layers, hidden, vision_layers)
-    tok = synth_tokenizer(raw["image_token_index"])
-    t = raw["text_config"]
-    t.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    raw = dict(raw)
-    raw["image_token_id"] = raw.pop("image_token_index")
-    raw["image_seq_length"] = (raw["vision_config"]["image_size"] // raw["vision_config"]["patch_size"]) ** 2
-    cfg = LlavaConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    builtin = BUILTIN_ARCHS[arch]
     tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(tdt)  # build directly in the target dtype (a 7B model in fp32 needs 28 GB)
     try:
-        model = LlavaForConditionalGeneration(cfg)
+        if builtin.family == "llava":
+            model, saved, template, tokens, what = _llava_standin(raw)
+        else:
+            model, saved, template, tokens, what = _qwen_standin(raw, builtin, image_size)
     finally:
         torch.set_default_dtype(prev)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    v = cfg.vision_config
-    proc = build_processor(tok, v.image_size, v.patch_size, CLIP_MEAN, CLIP_STD)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    proc.save_pretrained(out)
+    for obj in saved:
+        obj.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
     meta = {
         "synthetic": True,
         "quality": "none: random weights and a synthetic vocabulary; for export and speed work only. "
                    "No accuracy or quality figure may be derived from this model.",
         "arch": arch,
-        "prompt_template": SYNTH_TEMPLATE,
-        "visual_tokens": (v.image_size // v.patch_size) ** 2,
+        "prompt_template": template,
+        "visual_tokens": tokens,
         "dtype": dtype,
         "seed": seed,
         "overrides": {"layers": layers, "hidden": hidden, "vision_layers": vision_layers},
@@ -130,7 +140,82 @@ def synth(arch: str, out: str | Path, layers=None, hidden=None, vision_layers=No
         + f" --dtype {dtype} --seed {seed}`.\n\n"
         "**No quality figure comes from this model.** Its weights are random and its tokenizer is a small\n"
         "synthetic word list padded to the config's vocabulary; it exists so that export, shape and\n"
-        "speed work can run on the exact LLaVA-1.5 architecture (CLIP ViT-L/14-336, 576 visual tokens)\n"
-        "without downloading the real weights.\n"
+        f"speed work can run on the exact {what} architecture without downloading the real weights.\n"
     )
     return meta
+
+
+def _llava_standin(raw: dict):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from vpexport.testbed.model import build_processor
+
+    tok = synth_tokenizer(raw["image_token_index"])
+    t = raw["text_config"]
+    t.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    raw = dict(raw)
+    raw["image_token_id"] = raw.pop("image_token_index")
+    raw["image_seq_length"] = (raw["vision_config"]["image_size"] // raw["vision_config"]["patch_size"]) ** 2
+    cfg = LlavaConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    model = LlavaForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    v = cfg.vision_config
+    proc = build_processor(tok, v.image_size, v.patch_size, CLIP_MEAN, CLIP_STD)
+    return (model, [proc], SYNTH_TEMPLATE, (v.image_size // v.patch_size) ** 2,
+            "LLaVA-1.5 (CLIP ViT-L/14-336, 576 visual tokens)")
+
+
+# Qwen2-VL's chat layout with the default system prompt; `<image>` becomes the vision span.
+QWEN_SYNTH_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                       "<image>{question}<|im_end|>\n<|im_start|>assistant\n")
+QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+                    "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655,
+                    "<|video_pad|>": 151656}
+
+
+def qwen_synth_tokenizer(vocab_size: int):
+    """Word-level tokenizer with Qwen2-VL's special tokens at their real ids, padded with filler
+    words to the config's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vpexport.testbed.tokenizer import WORDS
+
+    specials = set(QWEN_SPECIAL_IDS.values())
+    free = (i for i in range(vocab_size) if i not in specials)
+    tpl = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(QWEN_SYNTH_TEMPLATE.replace("<image>", " "))]
+    vocab: dict[str, int] = {}
+    for w in ["<unk>"] + WORDS + [w for w in tpl if not w.startswith("<|")] + ["image", "describe", "question"]:
+        if w not in vocab:
+            vocab[w] = next(free)
+    for i, idx in enumerate(free):
+        vocab[f"w{i}"] = idx
+    vocab.update(QWEN_SPECIAL_IDS)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", model_max_length=32768)
+    fast.add_special_tokens({"additional_special_tokens": [t for t in QWEN_SPECIAL_IDS if t != "<|endoftext|>"]})
+    return fast
+
+
+def _qwen_standin(raw: dict, builtin, image_size):
+    from transformers import Qwen2VLImageProcessorPil
+
+    from vpexport.families import family
+
+    fam = family(builtin.family)
+    tok = qwen_synth_tokenizer(raw["text_config"]["vocab_size"])
+    t = raw["text_config"]
+    t.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model_cls = fam.model_class()
+    cfg = model_cls.config_class.from_dict(raw)
+    model = model_cls(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    h, w = fam.image_size(raw, image_size or builtin.image_size)
+    tokens = (h // 28) * (w // 28)
+    return (model, [tok, Qwen2VLImageProcessorPil()], QWEN_SYNTH_TEMPLATE, tokens,
+            f"{fam.hf_class} ({h}x{w} px, {tokens} visual tokens)")
