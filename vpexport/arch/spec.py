@@ -8,12 +8,10 @@ FLOPs and parameters for the static image size.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vpexport.errors import RecipeError
 
 
 @dataclass(frozen=True)
