@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 @dataclass(frozen=True)
 class TextSpec:
     family: str  # text backbone model_type: llama | mistral | qwen2 | qwen2_vl_text | ...
