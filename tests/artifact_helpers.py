@@ -141,23 +141,12 @@ def build_qwen_checkpoint(path: Path, kind: str = "qwen2-vl", layers: int = 8) -
     """A random-weight tiny Qwen2-VL / Qwen2.5-VL saved as a user's folder would be: the model's
     save_pretrained, a tokenizer (tokenizer.json + config) and preprocessor_config.json of the PIL
     image processor; no combined processor (it needs torchvision)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLImageProcessorPil
 
     from tests.tiny import QWEN_VOCAB, tiny_qwen
-    from vpexport.testbed.tokenizer import WORDS
+    from vpexport.testbed.synth import qwen_synth_tokenizer
 
-    vocab = dict(QWEN_SPECIALS)
-    words = [w for w in WORDS + "system user assistant this image".split() if w not in vocab]
-    free = (i for i in range(QWEN_VOCAB) if i not in vocab.values())
-    for w in words + ["<unk>"]:
-        vocab.setdefault(w, next(free))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="<unk>", model_max_length=4096)
-    fast.add_special_tokens({"additional_special_tokens": [t for t in QWEN_SPECIALS if t != "<|endoftext|>"]})
+    fast = qwen_synth_tokenizer(QWEN_VOCAB, QWEN_SPECIALS)
     model = tiny_qwen(kind, layers=layers)
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0

@@ -170,3 +170,15 @@ def synth_archs() -> list[str]:
     from vpexport.families import FAMILIES
 
     return sorted(a for f in FAMILIES.values() for a in f.builtins)
+
+
+def flat_features(feats):
+    """(total tokens, d) from whatever a Hugging Face `get_image_features` returns: a tensor, a list
+    or tuple of per-image tensors, or an output object with `pooler_output`."""
+    import torch
+
+    if not torch.is_tensor(feats) and hasattr(feats, "pooler_output"):
+        feats = feats.pooler_output
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
+    return feats.reshape(-1, feats.shape[-1])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpexport.errors import RecipeError, UserInputError
-from vpexport.families.base import BuiltinArch, ModelFamily
+from vpexport.families.base import BuiltinArch, ModelFamily, flat_features
 
 @dataclass(frozen=True)
 class ClipVisionSpec:
@@ -181,18 +181,12 @@ class LlavaFamily(ModelFamily):
         return prefix + visual
 
     def hf_image_features(self, model, pixel_values):
-        import torch
-
         cfg = model.config
         feats = model.model.get_image_features(
             pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         )
-        if not torch.is_tensor(feats) and hasattr(feats, "pooler_output"):
-            feats = feats.pooler_output
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
-        return feats.reshape(-1, feats.shape[-1])
+        return flat_features(feats)
 
     def preprocess_config(self, processor, image_size=None) -> dict:
         from vpexport.runtime.preprocess import processor_config

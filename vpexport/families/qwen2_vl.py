@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpexport.errors import RecipeError, UserInputError
-from vpexport.families.base import Adapter, BuiltinArch, ModelFamily
+from vpexport.families.base import Adapter, BuiltinArch, ModelFamily, flat_features
 
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 
@@ -249,11 +249,7 @@ class Qwen2VLFamily(ModelFamily):
         flat = hf_pixel_values(pixel_values, vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)
         grid = torch.tensor([[1, h // vc.patch_size, w // vc.patch_size]] * b)
         feats = model.model.get_image_features(pixel_values=flat, image_grid_thw=grid)
-        if not torch.is_tensor(feats) and hasattr(feats, "pooler_output"):
-            feats = feats.pooler_output
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
-        return feats.reshape(-1, feats.shape[-1])
+        return flat_features(feats)
 
     def preprocess_config(self, processor, image_size=None) -> dict:
         from vpexport.families.qwen_vision import preprocess_config

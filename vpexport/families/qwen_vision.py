@@ -90,27 +90,13 @@ def preprocess_config(image_processor, image_size: tuple[int, int]) -> dict:
     resizes every image whose aspect ratio is H:W (to within the 28-pixel rounding, e.g. H x W
     itself, 2H x 2W, H/2 x W/2, or H+-13 x W+-13) to exactly H x W, and then both agree; other
     images this static graph stretches to H x W where HF would pick another grid."""
+    from vpexport.runtime.preprocess import processor_config
+
     grid_for(image_size, image_processor.patch_size, image_processor.merge_size)
     h, w = (int(s) for s in image_size)
-    resample = getattr(image_processor, "resample", 3)
-    resample = int(getattr(resample, "value", resample)) if resample is not None else 3
-    return {
-        "processor_class": type(image_processor).__name__,
-        "do_convert_rgb": bool(getattr(image_processor, "do_convert_rgb", True)),
-        "do_resize": True,
-        "size": {"height": h, "width": w},
-        "resample": resample,  # PIL.Image.Resampling value (3 = BICUBIC)
-        "do_center_crop": False,
-        "crop_size": None,
-        "do_rescale": bool(image_processor.do_rescale),
-        "rescale_factor": float(image_processor.rescale_factor),
-        "do_normalize": bool(image_processor.do_normalize),
-        "image_mean": [float(x) for x in image_processor.image_mean],
-        "image_std": [float(x) for x in image_processor.image_std],
-        "channel_order": "RGB",
-        "layout": "NCHW",
-        "dtype": "float32",
-    }
+    cfg = processor_config(image_processor)
+    cfg.update(do_resize=True, size={"height": h, "width": w}, do_center_crop=False, crop_size=None)
+    return cfg
 
 
 def _block_order(lh: int, lw: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:

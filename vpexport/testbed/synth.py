@@ -174,15 +174,16 @@ QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>
                     "<|video_pad|>": 151656}
 
 
-def qwen_synth_tokenizer(vocab_size: int):
-    """Word-level tokenizer with Qwen2-VL's special tokens at their real ids, padded with filler
-    words to the config's vocabulary."""
+def qwen_synth_tokenizer(vocab_size: int, special_ids: dict[str, int] | None = None):
+    """Word-level tokenizer with Qwen2-VL's special tokens at their real ids (or `special_ids`, for
+    tiny test vocabularies), padded with filler words to the config's vocabulary."""
+    special_ids = special_ids or QWEN_SPECIAL_IDS
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from vpexport.testbed.tokenizer import WORDS
 
-    specials = set(QWEN_SPECIAL_IDS.values())
+    specials = set(special_ids.values())
     free = (i for i in range(vocab_size) if i not in specials)
     tpl = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(QWEN_SYNTH_TEMPLATE.replace("<image>", " "))]
     vocab: dict[str, int] = {}
@@ -191,13 +192,13 @@ def qwen_synth_tokenizer(vocab_size: int):
             vocab[w] = next(free)
     for i, idx in enumerate(free):
         vocab[f"w{i}"] = idx
-    vocab.update(QWEN_SPECIAL_IDS)
+    vocab.update(special_ids)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token="<unk>", model_max_length=32768)
-    fast.add_special_tokens({"additional_special_tokens": [t for t in QWEN_SPECIAL_IDS if t != "<|endoftext|>"]})
+    fast.add_special_tokens({"additional_special_tokens": [t for t in special_ids if t != "<|endoftext|>"]})
     return fast
 
 
