@@ -126,6 +126,18 @@ def _qwen25_vl(hidden: int, inter: int, layers: int, heads: int, kv: int, tied: 
     }
 
 
+def _merged_grid(visual: int, grid) -> tuple[int, int]:
+    """(rows, cols) of merged tokens from the vision graph's (t, h, w) patch grid and its token
+    count (the merge factor is what divides one into the other)."""
+    import math
+
+    _, gh, gw = grid
+    m = math.isqrt(gh * gw // visual) if visual else 0
+    if not m or (gh // m) * (gw // m) != visual:
+        raise ValueError(f"a {gh}x{gw} patch grid does not merge into {visual} tokens")
+    return gh // m, gw // m
+
+
 class QwenAdapter(Adapter):
     @property
     def image_token_id(self) -> int:
@@ -219,10 +231,7 @@ class Qwen2VLFamily(ModelFamily):
     def head_positions(self, prefix: int, visual: int, grid=None):
         import torch
 
-        _, gh, gw = grid
-        rows, cols = gh // self._merge, gw // self._merge
-        if rows * cols != visual:
-            raise ValueError(f"a {gh}x{gw} patch grid merges into {rows * cols} tokens, not {visual}")
+        rows, cols = _merged_grid(visual, grid)
         pos = torch.empty(prefix + visual, 3, dtype=torch.long)
         pos[:prefix] = torch.arange(prefix)[:, None]
         r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
@@ -231,11 +240,8 @@ class Qwen2VLFamily(ModelFamily):
         pos[prefix:, 2] = prefix + c.reshape(-1)
         return pos
 
-    _merge = 2  # spatial_merge_size of every released checkpoint; the grid is in patches
-
     def text_position_start(self, prefix: int, visual: int, grid=None) -> int:
-        _, gh, gw = grid
-        return prefix + max(gh, gw) // self._merge
+        return prefix + max(_merged_grid(visual, grid))
 
     def hf_image_features(self, model, pixel_values):
         """`pixel_values` (B, 3, H, W) as the runtime feeds the vision graph; Hugging Face takes the
