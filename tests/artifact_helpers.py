@@ -155,3 +155,24 @@ def build_qwen_checkpoint(path: Path, kind: str = "qwen2-vl", layers: int = 8) -
     fast.save_pretrained(path)
     Qwen2VLImageProcessorPil().save_pretrained(path)
     return path
+
+
+def require_real_peer():
+    """Skip unless OpenVINO GenAI and an optimum-intel exporter are here (the `peers` extra and
+    `python -m vpexport.bench.peers setup`)."""
+    import pytest
+
+    from vpexport.bench import peers
+
+    try:
+        import openvino_genai  # noqa: F401
+        import openvino_tokenizers  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"openvino-genai / openvino-tokenizers not importable ({e}): pip install 'vpexport[peers]'")
+    try:
+        exporter = peers.find_exporter()
+    except peers.PeerUnavailable as e:
+        pytest.skip(e.one_line())
+    if exporter is None:
+        pytest.skip("no optimum-intel exporter found: run `python -m vpexport.bench.peers setup` "
+                    "or set VPEXPORT_OPTIMUM_CLI")

@@ -11,7 +11,9 @@ import textwrap
 
 import pytest
 
+from tests.artifact_helpers import require_real_peer
 from vpexport.bench import peers
+from vpexport.errors import UserInputError
 
 
 def _script(path, body):
@@ -138,24 +140,20 @@ def test_module_cli_help():
     assert r.returncode == 0 and "--venv" in r.stdout
 
 
-def _real_peer_or_skip():
-    try:
-        import openvino_genai  # noqa: F401
-        import openvino_tokenizers  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"openvino-genai / openvino-tokenizers not importable ({e}): pip install 'vpexport[peers]'")
-    try:
-        exporter = peers.find_exporter()
-    except peers.PeerUnavailable as e:
-        pytest.skip(e.one_line())
-    if exporter is None:
-        pytest.skip("no optimum-intel exporter found: run `python -m vpexport.bench.peers setup` "
-                    "or set VPEXPORT_OPTIMUM_CLI")
+def test_cdpruner_ratio_is_the_integer_percentage_nearest_the_kept_count():
+    assert peers.cdpruner_ratio(1024, 256) == 75
+    assert peers.cdpruner_ratio(1024, 64) == 94  # keeps round(61.44) = 61; 93 would keep 72
+    assert peers.cdpruner_ratio(576, 144) == 75
+    assert peers.cdpruner_ratio(20, 4) == 78  # the smallest: 20 x 0.22 = 4.4 keeps 4
+    for bad in (0, 1024, 2000):
+        with pytest.raises(UserInputError) as e:
+            peers.cdpruner_ratio(1024, bad)
+        assert e.value.field == "--cdpruner-keep"
 
 
 @pytest.mark.slow
 def test_export_run_reuse_and_invalidate(tmp_path):
-    _real_peer_or_skip()
+    require_real_peer()
     from PIL import Image
     from safetensors.torch import load_file, save_file
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.artifact_helpers import QWEN_TEMPLATE, build_qwen_checkpoint, cli, make_eval
+from tests.artifact_helpers import QWEN_TEMPLATE, build_qwen_checkpoint, cli, make_eval, require_real_peer
 
 IMAGE_SIZE = [112, 140]  # 4 x 5 merged tokens
 
@@ -56,6 +56,25 @@ def test_build_validates_every_output(built):
     assert gen["text_position_start"] == gen["prefix"] + 5  # after max(4, 5) merged rows / columns
 
 
+def test_prefill_stores_only_the_rope_rows_it_reaches(built):
+    """prefill.onnx looks RoPE rows up in a table of the positions below its last text position;
+    decode.onnx keeps the config's whole max_position_embeddings (generation may run that far)."""
+    import onnx
+
+    root, _, out, _ = built
+    limit = json.loads((root / "ckpt" / "config.json").read_text())
+    limit = (limit.get("text_config") or limit)["max_position_embeddings"]
+    gen = json.loads((out / "runtime" / "generation.json").read_text())
+    rows = {}
+    for name in ("prefill", "decode"):
+        m = onnx.load(str(out / "onnx" / f"{name}.onnx"), load_external_data=False)
+        consts = [list(t.dims) for t in m.graph.initializer] + [
+            list(a.t.dims) for n in m.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+        rows[name] = {d[0] for d in consts if len(d) == 2 and d[1] == 16}  # (positions, head dim) tables
+    assert rows["decode"] == {limit}, rows
+    assert rows["prefill"] == {gen["text_position_start"] + 16}, rows  # text_length.max 16
+
+
 def test_run_agrees_on_both_paths(built):
     root, recipe, out, _ = built
     img = root / "data" / "img1.png"
@@ -75,6 +94,30 @@ def test_plan_counts_the_qwen_vision_tower(built):
     assert p["arch"]["family"] in ("qwen2-vl", "qwen2.5-vl") and p["arch"]["visual_tokens"] == 20
     v = p["flops"]["vision"]
     assert v["encoder"] > 0 and v["projector"] > 0 and v["total"] == sum(x for k, x in v.items() if k != "total")
+
+
+def test_bench_times_openvino_genai_and_its_cdpruner_side_by_side(built, tmp_path):
+    """The peer runs the same checkpoint (exported by optimum-intel) on the same 20 visual tokens, and
+    its CDPruner at each of the schedule's keep budgets, counted from the pipeline's own input."""
+    require_real_peer()
+    _, _, out, _ = built
+    save = tmp_path / "bench.json"
+    r = cli("bench", out, "--provider", "cpu", "--peer", "openvino-genai", "--peer", "openvino-genai-cdpruner",
+            "--reps", "2", "--decode-steps", "1", "--no-memory", "--json", "--save", save, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(save.read_text())
+    assert res["peers_skipped"] == {}
+    dense = res["peers"]["openvino_genai"]
+    assert dense["visual_tokens"] == 20 and "pruning_ratio" not in dense
+    # The smallest integer ratio that keeps that many: 20 x 0.62 = 12.4 -> 12, 20 x 0.22 = 4.4 -> 4.
+    for keep, ratio in ((12, 38), (4, 78)):
+        row = res["peers"][f"openvino_genai_cdpruner_keep{keep}"]
+        assert (row["pruning_ratio"], row["visual_tokens"]) == (ratio, keep), row
+        assert dense["input_tokens"] - row["input_tokens"] == 20 - keep
+        assert len(res["raw_ms"][f"peer/openvino_genai_cdpruner_keep{keep}"]["ttft"]) == 2
+        b = res["best"]
+        assert abs(b[f"ttft_vs_openvino_genai_cdpruner_keep{keep}"] - b["ttft_ms"] / row["ttft_ms"]) < 1e-3
+    assert len(res["raw_ms"]["peer/openvino_genai"]["ttft"]) == len(res["raw_ms"]["cpu/pruned"]["ttft"]) == 2
 
 
 def test_missing_image_size_is_one_line(built, tmp_path):

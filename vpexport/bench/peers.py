@@ -1,8 +1,11 @@
 """Peers for `vpexport bench`: what a user would run instead of vpexport's artifacts.
 
-    OpenVinoGenAIPeer(artifact_dir, model_dir, threads, precision=None)
-        the same Hugging Face checkpoint exported by optimum-intel (fp32 weights, unpruned) and run
-        by `openvino_genai.VLMPipeline` on the CPU; run_once(image, prompt, decode_steps) -> timings.
+    OpenVinoGenAIPeer(artifact_dir, model_dir, threads, precision=None, image_tag="<image>")
+        the same Hugging Face checkpoint exported by optimum-intel (fp32 weights) and run by
+        `openvino_genai.VLMPipeline` on the CPU; run_once(image, prompt, decode_steps,
+        pruning_ratio=0) -> timings, unpruned or with OpenVINO GenAI's own CDPruner (which prunes
+        the visual tokens before the LLM; Qwen2-VL / Qwen2.5-VL only in OpenVINO GenAI 2026.4).
+    cdpruner_ratio(visual_tokens, keep) -> the integer `pruning_ratio` whose kept count is nearest keep.
     ensure_peer_export(artifact_dir, model_dir) -> folder
         the optimum-intel export under artifact_dir/bench/peers/openvino_genai, cached by a key of
         the checkpoint's content and the exporter's versions (peer_key.json).
@@ -10,7 +13,7 @@
         a virtual environment for the exporter (`python -m vpexport.bench.peers setup`).
 
 The run needs only openvino, openvino-genai and openvino-tokenizers. The export needs
-optimum-intel, which pins `transformers<5.6` and pulls a torchvision wheel that breaks
+optimum-intel, which needs an older transformers (5.0 for the Qwen VL exports) and pulls a torchvision wheel that breaks
 `transformers` imports with the CPU torch, so it usually lives in its own virtual environment;
 it is found in this order: $VPEXPORT_OPTIMUM_CLI, `optimum-cli` on PATH, the default setup venv
 (~/.cache/vpexport/peer-export-venv), this interpreter if it can import optimum.intel.
@@ -39,6 +42,9 @@ EXPORT_LOG = "peer_export.log"
 RUN_FIX = "pip install 'vpexport[peers]'"
 SETUP_FIX = "python -m vpexport.bench.peers setup"
 OPTIMUM_INTEL_SPEC = "optimum-intel[openvino]==2.2.*"
+# optimum-intel 2.2 refuses to export Qwen2-VL / Qwen2.5-VL under a transformers newer than 5.0 (its
+# MAX_TRANSFORMERS_VERSION); 5.0.0 also exports LLaVA, so one exporter serves every family.
+EXPORT_TRANSFORMERS_SPEC = "transformers==5.0.0"
 EXPORT_ARGS = ("--task", "image-text-to-text", "--weight-format", "fp32")
 PRECISIONS = ("f32", "bf16")
 # Files of the checkpoint the export reads; a README or vpexport's own notes do not change it.
@@ -249,7 +255,7 @@ def ensure_peer_export(artifact_dir: Path, model_dir: Path, log=print) -> Path:
     artifact_dir, model_dir = Path(artifact_dir), Path(model_dir).resolve()
     if not model_dir.is_dir():
         raise UserInputError(f"{model_dir} is not a folder", field="model",
-                             fix="point it at a Hugging Face LLaVA checkpoint folder")
+                             fix="point it at a Hugging Face checkpoint folder")
     folder = peer_folder(artifact_dir)
     previous = _read_stamp(folder)
     exporter = find_exporter()
@@ -356,7 +362,8 @@ class OpenVinoGenAIPeer:
 
     name = "openvino_genai"
 
-    def __init__(self, artifact_dir: Path, model_dir: Path, threads: int, precision: str | None = None, log=print):
+    def __init__(self, artifact_dir: Path, model_dir: Path, threads: int, precision: str | None = None, log=print,
+                 image_tag: str = "<image>"):
         ov, genai = _import_genai()
         if precision is not None and precision not in PRECISIONS:
             raise UserInputError(f"unknown peer precision {precision!r}", field="--precision",
@@ -382,11 +389,15 @@ class OpenVinoGenAIPeer:
             raise PeerUnavailable(f"openvino_genai cannot load {self.folder}: {last_meaningful_line(str(e))}",
                                   fix=f"delete {self.folder} to re-export it") from None
         self.load_s = time.perf_counter() - t0
+        self.image_tag = image_tag
         self._ov = ov
+        self._prompt_lengths: dict[str, int] = {}
 
-    def run_once(self, image, prompt: str, decode_steps: int) -> dict:
-        """One request: `prompt` is the raw LLaVA prompt with its `<image>` tag (no chat template),
-        `decode_steps + 1` new tokens (ignore_eos), image a PIL image.
+    def run_once(self, image, prompt: str, decode_steps: int, pruning_ratio: int = 0) -> dict:
+        """One request: `prompt` is the raw prompt with the model's own image tag (`image_tag`: LLaVA's
+        `<image>`, Qwen's `<|vision_start|><|image_pad|><|vision_end|>`; no chat template applied),
+        `decode_steps + 1` new tokens (ignore_eos), image a PIL image; pruning_ratio is CDPruner's
+        integer percentage of visual tokens to drop (0: none).
 
         Times are OpenVINO GenAI's own (ms): ttft_ms from the generate call to the first token
         (image preprocessing, vision encoder and prefill included), decode_ms_per_token the mean
@@ -394,15 +405,22 @@ class OpenVinoGenAIPeer:
         wall_ms is measured here around generate. The pipeline keeps its KV cache between calls
         and reuses the longest prefix shared with the previous request (finish_chat does not clear
         it): the same image with a new question skips the image's prefill, so timed repetitions
-        must differ in the image, not only in the question."""
+        must differ in the image, not only in the question. input_tokens counts the prompt as the
+        LLM saw it (after CDPruner's pruning); visual_tokens is the image's part of it: input_tokens
+        less the prompt's own tokens, whose one image tag token the pipeline expanded."""
         import numpy as np
 
-        if "<image>" not in prompt:
-            raise UserInputError("the peer's prompt has no <image> tag", field="prompt")
+        if self.image_tag not in prompt:
+            raise UserInputError(f"the peer's prompt has no {self.image_tag} tag", field="task.prompt",
+                                 fix="put <image> in the recipe's prompt")
+        if not 0 <= int(pruning_ratio) <= 99:
+            raise UserInputError(f"pruning_ratio {pruning_ratio} is outside 0-99", field="pruning_ratio",
+                                 fix="give an integer percentage from 0 (no pruning) to 99")
         cfg = self.pipe.get_generation_config()
         cfg.apply_chat_template = False
         cfg.ignore_eos = True
         cfg.max_new_tokens = int(decode_steps) + 1
+        cfg.pruning_ratio = int(pruning_ratio)
         pixels = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8)[None])  # NHWC
         t0 = time.perf_counter()
         result = self.pipe.generate(prompt, images=[self._ov.Tensor(pixels)], generation_config=cfg)
@@ -417,8 +435,25 @@ class OpenVinoGenAIPeer:
             "prepare_embeddings_ms": float(prepare().mean) if prepare else float("nan"),
             "wall_ms": wall_ms,
             "input_tokens": int(m.get_num_input_tokens()),
+            "visual_tokens": int(m.get_num_input_tokens()) - (self._prompt_tokens(prompt) - 1),
             "new_tokens": int(m.get_num_generated_tokens()),
         }
+
+    def _prompt_tokens(self, prompt: str) -> int:
+        """The prompt's own token count (its image tag one token), as the pipeline's tokenizer
+        splits it; cached, since every repetition asks again."""
+        if prompt not in self._prompt_lengths:
+            self._prompt_lengths[prompt] = int(self.pipe.get_tokenizer().encode(prompt).input_ids.get_shape()[1])
+        return self._prompt_lengths[prompt]
+
+
+def cdpruner_ratio(visual_tokens: int, keep: int) -> int:
+    """The integer pruning_ratio (1-99) whose kept count, round(visual_tokens * (1 - ratio/100)) as
+    OpenVINO GenAI's CDPruner computes it, is nearest `keep` (the smaller ratio on a tie)."""
+    if not 0 < keep < visual_tokens:
+        raise UserInputError(f"CDPruner keep {keep} must be between 1 and {visual_tokens - 1}",
+                             field="--cdpruner-keep", fix=f"give a count below the {visual_tokens} visual tokens")
+    return min(range(1, 100), key=lambda r: (abs(round(visual_tokens * (1 - r / 100)) - keep), r))
 
 
 # --------------------------------------------------------------------------- the exporter's venv
@@ -449,7 +484,8 @@ def setup_export_env(venv: Path | None = None, log=print) -> Path:
     The venv sees this interpreter's site-packages (`--system-site-packages`), so the installed
     torch, openvino, openvino-tokenizers and openvino-genai are reused; a constraints file pins them
     to the installed versions (no second torch download, and the exported IR matches the runtime
-    that loads it). optimum-intel 2.2 then installs its own transformers (<5.6) inside the venv.
+    that loads it). optimum-intel 2.2 is installed with transformers 5.0.0 inside the venv (the newest
+    its Qwen2-VL / Qwen2.5-VL export accepts).
     Its torchvision wheel is removed: with this CPU torch it breaks `transformers` imports
     ("operator torchvision::nms does not exist") and the LLaVA export does not need it."""
     venv = Path(venv).expanduser() if venv else default_venv()
@@ -466,10 +502,11 @@ def setup_export_env(venv: Path | None = None, log=print) -> Path:
             log("[peers] note: torch is not installed here, so pip will install one into the venv")
         constraints = venv / "constraints.txt"
         constraints.write_text("".join(f"{d}=={v}\n" for d, v in pins.items()))
-        log(f"[peers] installing {OPTIMUM_INTEL_SPEC} (keeping {', '.join(f'{d} {v}' for d, v in pins.items())}); "
+        log(f"[peers] installing {OPTIMUM_INTEL_SPEC} with {EXPORT_TRANSFORMERS_SPEC} (keeping {', '.join(f'{d} {v}' for d, v in pins.items())}); "
             f"log: {log_path}")
         _run_logged([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-c", str(constraints),
-                     OPTIMUM_INTEL_SPEC], f, f"pip install {OPTIMUM_INTEL_SPEC}", log_path)
+                     OPTIMUM_INTEL_SPEC, EXPORT_TRANSFORMERS_SPEC], f,
+                    f"pip install {OPTIMUM_INTEL_SPEC} {EXPORT_TRANSFORMERS_SPEC}", log_path)
         # Not installed is fine (pip warns and exits 0); one in the system site-packages is left alone.
         _run_logged([str(python), "-m", "pip", "uninstall", "-y", "--disable-pip-version-check", "torchvision"], f,
                     "pip uninstall torchvision", log_path)

@@ -4,9 +4,11 @@ and against the peers a user would run instead, side by side in one interleaved 
 Variants, all in one process with the same thread count:
   providers   for each --provider (vpexport/runtime/providers.py): the pruned artifacts and the
               same recipe exported without pruning (bench/dense/), on that provider
-  peers       vpexport/bench/peers.py's table: openvino-genai (the same checkpoint exported by
-              optimum-intel, run by `openvino_genai.VLMPipeline`), hf-pytorch (Hugging Face
-              `LlavaForConditionalGeneration`, unpruned, SDPA)
+  peers       PEERS below: openvino-genai (the same checkpoint exported by optimum-intel, run by
+              `openvino_genai.VLMPipeline`, unpruned), openvino-genai-cdpruner (the same pipeline
+              with OpenVINO GenAI's own CDPruner, which prunes before the LLM, at each kept count
+              of --cdpruner-keep; default: every keep budget of the schedule), hf-pytorch (the
+              family's Hugging Face model, unpruned, SDPA)
 
 Repetition r times every variant once, on eval sample r (a distinct image and question per
 repetition: OpenVINO GenAI reuses the KV state of a repeated image), in an order rotated by r, so
@@ -196,22 +198,55 @@ class _HfPeer:
 
 
 class _OvGenAIPeer:
+    """OpenVINO GenAI's VLMPipeline on the checkpoint; with pruning_ratio > 0 its CDPruner prunes the
+    visual tokens before the LLM. Variants with different ratios share one pipeline (`shared`): the
+    ratio is a per-request generation setting."""
+
     name = "openvino_genai"
 
-    def __init__(self, artifact_dir: Path, recipe, threads: int, precision: str, log):
+    def __init__(self, artifact_dir: Path, recipe, threads: int, precision: str, log, pruning_ratio: int = 0,
+                 shared: _OvGenAIPeer | None = None):
         from vpexport.bench.peers import OpenVinoGenAIPeer
+        from vpexport.families import family
 
-        self.peer = OpenVinoGenAIPeer(artifact_dir, recipe.model_dir, threads,
-                                      precision=None if precision == "auto" else precision, log=log)
-        self.template = recipe.task.prompt
+        fam = family(recipe.resolve_arch().family)
+        self.peer = shared.peer if shared else OpenVinoGenAIPeer(
+            artifact_dir, recipe.model_dir, threads, precision=None if precision == "auto" else precision, log=log,
+            image_tag=fam.image_text)
+        # The recipe's <image> placeholder becomes the model's own tag, which VLMPipeline expands.
+        self.template = recipe.task.prompt.replace("<image>", fam.image_text)
+        # A dynamic-resolution model sees as many visual tokens as the image has pixels: the peer gets
+        # the image at the recipe's fixed size (which its own resize keeps), so both sides see the
+        # same visual-token count; a fixed-size model's processor resizes every image itself.
+        self.image_size = recipe.resolve_arch().vision.image_hw if fam.dynamic_resolution else None
+        self.pruning_ratio = int(pruning_ratio)
         self.precision = self.peer.precision
         self.version = f"openvino-genai {self.peer.version}"
+        self.input_tokens: list[int] = []
+
+    def prompt(self, question: str) -> str:
+        return self.template.replace("{question}", question)
+
+    def image(self, image):
+        if self.image_size is None:
+            return image
+        from PIL import Image
+
+        h, w = self.image_size
+        return image.convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+
+    def visual_tokens(self, req: Request) -> int:
+        """The visual tokens the LLM sees for this request (after CDPruner at this ratio), measured
+        from the pipeline's own input length; one untimed call."""
+        return self.peer.run_once(self.image(req.images[0]), self.prompt(req.questions[0]), 0,
+                                  self.pruning_ratio)["visual_tokens"]
 
     def run(self, req: Request, steps: int, t: _Times | None) -> None:
         if len(req.images) != 1:
             raise UserInputError("the openvino-genai peer runs one request at a time", field="--batch",
                                  fix="use --batch 1 with --peer openvino-genai")
-        r = self.peer.run_once(req.images[0], self.template.replace("{question}", req.questions[0]), steps)
+        r = self.peer.run_once(self.image(req.images[0]), self.prompt(req.questions[0]), steps, self.pruning_ratio)
+        self.input_tokens.append(r["input_tokens"])
         if t is not None:
             t.ttft.append(r["ttft_ms"] / 1e3)
             t.decode.append(r["decode_ms_per_token"] / 1e3)
@@ -220,7 +255,13 @@ class _OvGenAIPeer:
                 t.prefill.append((r["ttft_ms"] - r["prepare_embeddings_ms"]) / 1e3)
 
 
-PEER_NAMES = {"openvino-genai": "openvino_genai", "hf-pytorch": "hf_pytorch"}
+# The peers `--peer` offers: CLI name -> result key (peers.<key> in the JSON).
+PEERS = {"openvino-genai": "openvino_genai", "openvino-genai-cdpruner": "openvino_genai_cdpruner",
+         "hf-pytorch": "hf_pytorch"}
+
+
+def cdpruner_key(keep: int) -> str:
+    return f"openvino_genai_cdpruner_keep{keep}"
 
 
 # --------------------------------------------------------------------------- peak memory
@@ -243,7 +284,8 @@ def _child_run(kind: str, args_json: str) -> None:
     if kind == "artifacts":
         v = _Artifacts(Path(a["dir"]), a["provider"], a["precision"], a["threads"])
     elif kind == "openvino_genai":
-        v = _OvGenAIPeer(Path(a["artifact_dir"]), recipe, a["threads"], a["precision"], log=lambda m: None)
+        v = _OvGenAIPeer(Path(a["artifact_dir"]), recipe, a["threads"], a["precision"], log=lambda m: None,
+                         pruning_ratio=a.get("pruning_ratio", 0))
     else:
         v = _HfPeer(recipe, a["threads"], a["batch"])
     v.run(req, a["steps"], None)
@@ -264,6 +306,7 @@ def run_bench(
     precision: str = "auto",
     with_memory: bool = True,
     log=print,
+    cdpruner_keep: tuple[int, ...] = (),
 ) -> dict:
     from vpexport.accounting import kv_cache_bytes, prefill_flops
     from vpexport.bench.peers import PeerUnavailable
@@ -282,8 +325,8 @@ def run_bench(
     for p in providers:
         get_provider(p)
     for p in peers:
-        if p not in PEER_NAMES:
-            raise UserInputError(f"unknown peer {p!r}", field="--peer", fix=f"use one of {', '.join(PEER_NAMES)}")
+        if p not in PEERS:
+            raise UserInputError(f"unknown peer {p!r}", field="--peer", fix=f"use one of {', '.join(PEERS)}")
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     recipe = load_recipe(artifact_dir / "recipe.resolved.yaml")
@@ -305,16 +348,56 @@ def run_bench(
         variants[f"{p}/pruned"] = _Artifacts(artifact_dir, p, prec, threads)
         variants[f"{p}/dense"] = _Artifacts(dense_dir, p, prec, threads)
     skipped = {}
+    arch = recipe.resolve_arch()
+    sched = resolve_schedule(recipe, arch, artifact_dir)
+    cdpruner: dict[str, dict] = {}  # result key -> {pruning_ratio, keep asked}
+    if "openvino-genai-cdpruner" in peers:
+        from vpexport.bench.peers import cdpruner_ratio
+
+        keeps = sorted(set(cdpruner_keep or (p.keep for p in sched.points if p.keep > 0)), reverse=True)
+        if not keeps:
+            raise UserInputError("the schedule keeps no visual tokens to match", field="--cdpruner-keep",
+                                 fix="give the kept counts to time CDPruner at, e.g. --cdpruner-keep 64")
+        for k in keeps:
+            cdpruner[cdpruner_key(k)] = {"keep": k, "pruning_ratio": cdpruner_ratio(arch.visual_tokens, k)}
+    genai: _OvGenAIPeer | None = None
+    probe = bench_requests(recipe, 1, 1)[0]
+
+    def open_genai() -> _OvGenAIPeer:
+        peer = _OvGenAIPeer(artifact_dir, recipe, threads, precision, log)
+        seen = peer.visual_tokens(probe)
+        if seen != arch.visual_tokens:  # e.g. another resize: the figures would not be like for like
+            raise ArtifactError(f"OpenVINO GenAI's pipeline sees {seen} visual tokens per image, the artifacts "
+                                f"{arch.visual_tokens}: the peer does not run the same model input", field="--peer",
+                                fix="check the checkpoint's preprocessor_config.json against the recipe's image size")
+        return peer
+
     for p in peers:
-        key = PEER_NAMES[p]
+        key = PEERS[p]
         try:
             if key == "openvino_genai":
-                variants[f"peer/{key}"] = _OvGenAIPeer(artifact_dir, recipe, threads, precision, log)
+                genai = genai or open_genai()
+                variants[f"peer/{key}"] = genai
+            elif key == "openvino_genai_cdpruner":
+                genai = genai or open_genai()
+                for ckey, c in cdpruner.items():
+                    v = _OvGenAIPeer(artifact_dir, recipe, threads, precision, log, c["pruning_ratio"], shared=genai)
+                    c["kept_visual_tokens"] = v.visual_tokens(probe)
+                    log(f"[bench] CDPruner at pruning_ratio {c['pruning_ratio']} keeps "
+                        f"{c['kept_visual_tokens']} of {arch.visual_tokens} visual tokens (asked: {c['keep']})")
+                    variants[f"peer/{ckey}"] = v
             else:
                 variants[f"peer/{key}"] = _HfPeer(recipe, threads, batch)
         except PeerUnavailable as e:
             skipped[key] = e.one_line()
             log(f"[bench] peer {p} skipped: {e.one_line()}")
+        except RuntimeError as e:  # VLMPipeline refuses CDPruner for a model it does not support
+            if key != "openvino_genai_cdpruner":
+                raise
+            from vpexport.bench.peers import last_meaningful_line
+
+            skipped[key] = f"OpenVINO GenAI's CDPruner failed on this model: {last_meaningful_line(str(e))}"
+            log(f"[bench] peer {p} skipped: {skipped[key]}")
 
     names = list(variants)
     requests = bench_requests(recipe, reps + WARMUP, batch)
@@ -335,8 +418,6 @@ def run_bench(
     # (export.text_length.max in padded mode, the bucket that holds it with buckets).
     from dataclasses import replace
 
-    arch = recipe.resolve_arch()
-    sched = resolve_schedule(recipe, arch, artifact_dir)
     layout = recipe.layout(arch, batch=batch)
     any_rt = variants[f"{providers[0]}/pruned"].rt
     layout = replace(layout, text=any_rt.text_length.width(min(layout.text, any_rt.text_max)))
@@ -386,6 +467,13 @@ def run_bench(
                 row["prefill_ms"] = m["prefill"]
             if "decode" in m and decode_steps:
                 row["decode_ms_per_token"] = m["decode"]
+            if isinstance(v, _OvGenAIPeer) and v.input_tokens:
+                row["input_tokens"] = int(statistics.median(v.input_tokens))
+                # What the LLM sees per image, measured: all of them unpruned, CDPruner's kept ones.
+                row["visual_tokens"] = cdpruner[key]["kept_visual_tokens"] if key in cdpruner else arch.visual_tokens
+            if key in cdpruner:
+                row.update(pruning_ratio=cdpruner[key]["pruning_ratio"],
+                           relevance_weight=round(float(v.peer.pipe.get_generation_config().relevance_weight), 4))
             result["peers"][key] = row
     if with_memory:
         log("[bench] peak memory (a fresh process per variant)")
@@ -397,7 +485,11 @@ def run_bench(
                 mb = peak_memory_mb("artifacts", {**base, "dir": str(d), "provider": p, "precision": prec})
                 result["providers"][p].setdefault("memory", {})[f"{which}_peak_mb"] = round(mb, 1)
         for key in result["peers"]:
-            result["peers"][key]["peak_mb"] = round(peak_memory_mb(key, base), 1)
+            if key in cdpruner:
+                kind, extra = "openvino_genai", {"pruning_ratio": cdpruner[key]["pruning_ratio"]}
+            else:
+                kind, extra = key, {}
+            result["peers"][key]["peak_mb"] = round(peak_memory_mb(kind, {**base, **extra}), 1)
     best = min(providers, key=lambda p: result["providers"][p]["ttft"]["pruned_ms"])
     b = result["providers"][best]
     result["best"] = {

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from vpexport.bench.runner import PEERS
 from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICES
 
 
@@ -15,8 +16,11 @@ from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICE
               help="Runtime of the artifacts; repeat to compare several (default: cpu).")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
               help="Inference precision for providers and peers that choose one (openvino, openvino-genai).")
-@click.option("--peer", "peers", multiple=True, type=click.Choice(["openvino-genai", "hf-pytorch"]),
+@click.option("--peer", "peers", multiple=True, type=click.Choice(list(PEERS)),
               help="What a user would run instead, timed in the same loop; repeat (default: hf-pytorch).")
+@click.option("--cdpruner-keep", "cdpruner_keep", multiple=True, type=click.IntRange(min=1),
+              help="Visual tokens OpenVINO GenAI's CDPruner keeps (openvino-genai-cdpruner); repeat "
+                   "(default: each keep budget of the schedule).")
 @click.option("--reps", type=click.IntRange(min=1), default=10, show_default=True, help="Interleaved repetitions per variant.")
 @click.option("--decode-steps", type=click.IntRange(min=0), default=16, show_default=True, help="Greedy decode steps timed per repetition.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for every runtime (default: all cores).")
@@ -25,7 +29,8 @@ from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICE
 @click.option("--no-memory", is_flag=True, help="Skip the per-variant peak-memory subprocesses.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @click.option("--save", type=click.Path(), default=None, help="Also write the JSON result to this file.")
-def bench(artifact_dir, providers, precision, peers, reps, decode_steps, threads, batch, no_hf, no_memory, as_json, save):
+def bench(artifact_dir, providers, precision, peers, cdpruner_keep, reps, decode_steps, threads, batch, no_hf, no_memory,
+          as_json, save):
     """Time ARTIFACT_DIR against the same model exported without pruning (same runtime, same
     threads), and against the peers, interleaved in one run."""
     from vpexport.bench.runner import run_bench
@@ -38,7 +43,7 @@ def bench(artifact_dir, providers, precision, peers, reps, decode_steps, threads
 
     with artifact_lock(artifact_dir, "bench", create=False):
         res = run_bench(artifact_dir, reps, decode_steps, threads, batch, tuple(providers or ("cpu",)), tuple(peers),
-                        precision, not no_memory, log=log)
+                        precision, not no_memory, log=log, cdpruner_keep=tuple(cdpruner_keep))
     if save:
         from pathlib import Path
 
@@ -67,7 +72,9 @@ def format_result(res: dict) -> str:
         row(f"{p} unpruned", r["precision"], r["ttft"]["dense_ms"], r["prefill"]["dense_ms"],
             d.get("dense_ms_per_token"), m.get("dense_peak_mb"))
     for k, r in res["peers"].items():
-        row(f"peer {k} (unpruned)", r["precision"], r["ttft_ms"], r.get("prefill_ms"), r.get("decode_ms_per_token"),
+        label = (f"peer openvino_genai CDPruner {r['visual_tokens']}" if "pruning_ratio" in r
+                 else f"peer {k} (unpruned)")
+        row(label, r["precision"], r["ttft_ms"], r.get("prefill_ms"), r.get("decode_ms_per_token"),
             r.get("peak_mb"))
     for k, why in res.get("peers_skipped", {}).items():
         lines.append(f"peer {k} skipped: {why}")

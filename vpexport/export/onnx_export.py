@@ -362,9 +362,12 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
              + ", ".join(f"[{s.start},{s.end}):{s.visual_tokens}" for s in schedule.segments(L, n)))
         raw = raw_dir / "prefill" / "model.onnx"
         raw.parent.mkdir(parents=True)
-        _export_one(prefill, (ids, mask, feats), raw, names["prefill"], dyn, ex.opset)
-        with torch.no_grad():
-            pouts = prefill(ids, mask, feats)
+        # Every prefill position is below the first text position + T (M-RoPE's visual rows and
+        # columns too): its RoPE table needs no more rows than that.
+        with pm.positions_below(pm.text_pos0 + T):
+            _export_one(prefill, (ids, mask, feats), raw, names["prefill"], dyn, ex.opset)
+            with torch.no_grad():
+                pouts = prefill(ids, mask, feats)
         spec = io_spec(names["prefill"]["inputs"] + names["prefill"]["outputs"], [ids, mask, feats, *pouts], dyn)
         _finalize_onnx(raw, onnx_dir / "prefill.onnx", spec)
         _log(log, f"[export]   done in {time.perf_counter() - t0:.1f} s")

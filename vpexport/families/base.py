@@ -97,9 +97,10 @@ class Adapter:
         return self.config.text_config
 
     def sliding_window(self) -> int | None:
+        """The attention window of the text backbone, None when attention is full. Qwen2-style configs
+        carry a `sliding_window` size even when `use_sliding_window` is off; the flag decides."""
         tc = self.text_config()
-        if getattr(tc, "model_type", "") in ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text") and not getattr(
-                tc, "use_sliding_window", False):
+        if getattr(tc, "use_sliding_window", True) is False:
             return None
         return getattr(tc, "sliding_window", None)
 

@@ -13,6 +13,7 @@ A decode step attends to them with the same key layout, so decoding needs no pru
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -192,7 +193,7 @@ class PrunedModel(nn.Module):
         """
         if self.max_positions is None:
             return rope_tables(*self.rotary_emb(h, pos.permute(2, 0, 1) if pos.dim() == 3 else pos), self.head_dim)
-        key = (h.device, h.dtype)
+        key = (h.device, h.dtype, self.max_positions)
         if key not in self._rope_cache:
             probe = torch.zeros(1, 1, self.head_dim, device=h.device, dtype=torch.float32)
             every = torch.arange(self.max_positions, device=h.device)[None]
@@ -205,6 +206,21 @@ class PrunedModel(nn.Module):
             return rope_tables(torch.gather(cos[pos], 2, ch)[:, :, 0], torch.gather(sin[pos], 2, ch)[:, :, 0],
                                self.head_dim)
         return rope_tables(cos[pos], sin[pos], self.head_dim)
+
+    @contextmanager
+    def positions_below(self, limit: int):
+        """Look RoPE rows up in a table of the first `limit` positions only, for tracing a graph that
+        never reaches past them (the prefill: its last text position is text_pos0 + text length - 1).
+        The table is a constant of the exported graph: over a 128k-position config it is 131 MB at
+        head dim 128, of which the prefill reads a thousand rows. Decode keeps the whole table, as
+        generation may run to the model's own limit."""
+        saved = self.max_positions
+        if saved is not None:
+            self.max_positions = min(saved, int(limit))
+        try:
+            yield
+        finally:
+            self.max_positions = saved
 
     def _qkv(self, i: int, x: torch.Tensor, cos, sin):
         """`cos`, `sin`: the segment's tables from `rope`."""
