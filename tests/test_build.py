@@ -56,17 +56,45 @@ def test_build_runs_every_stage_then_reuses_them(setup):
     assert "export: unchanged inputs" not in third.stderr
 
 
-def test_failed_build_leaves_no_final_artifact(setup):
-    d, ckpt, _ = setup
-    rp = write_recipe(d / "b_nodata.yaml", ckpt, "fastv", eval_file=None)  # validation needs eval data
+def test_failed_build_leaves_no_final_artifact(setup, tmp_path):
+    d, ckpt, ev = setup
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "broken.png").write_bytes(b"not a png")  # exists (passes the up-front check), fails to decode
+    (data / "eval.jsonl").write_text(ev.read_text() + json.dumps({"image": "broken.png", "question": "q",
+                                                                   "answer": "a"}) + "\n")
+    for line in ev.read_text().splitlines():
+        (data / json.loads(line)["image"]).write_bytes((ev.parent / json.loads(line)["image"]).read_bytes())
+    rp = write_recipe(d / "b_badimage.yaml", ckpt, "fastv", eval_file=data / "eval.jsonl", samples=5)
     out = d / "art_fail"
     r = cli("build", rp, "--out", out)
     assert r.returncode == 2
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "task.data.eval" in err[0]
+    assert len(err) == 1 and "task.data.eval" in err[0] and "eval.jsonl:5" in err[0], r.stderr[-1500:]
     assert "Traceback" not in r.stderr
     assert not out.exists()  # the final folder is only ever a complete build
     assert (d / ".art_fail.staging" / "onnx" / "prefill.onnx").is_file()  # finished stages kept for a re-run
+
+
+@pytest.mark.parametrize("problem", ["no eval split", "a row without answer"])
+def test_data_problems_fail_before_any_stage(setup, tmp_path, problem):
+    d, ckpt, ev = setup
+    if problem == "no eval split":  # validation reads task.data.eval
+        rp = write_recipe(tmp_path / "b.yaml", ckpt, "fastv", eval_file=None)
+    else:
+        bad = tmp_path / "eval.jsonl"
+        bad.write_text(ev.read_text().replace('"answer"', '"answers"', 1))
+        for line in ev.read_text().splitlines():
+            img = json.loads(line)["image"]
+            (tmp_path / img).write_bytes((ev.parent / img).read_bytes())
+        rp = write_recipe(tmp_path / "b.yaml", ckpt, "fastv", eval_file=bad)
+    out = tmp_path / "art"
+    r = cli("build", rp, "--out", out)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "task.data.eval" in err[0], r.stderr[-1500:]
+    assert "[build] export" not in r.stderr and "[export]" not in r.stderr  # nothing ran
+    assert not out.exists() and not (tmp_path / ".art.staging").exists()
 
 
 def test_summary_names_the_calibrated_schedule(tmp_path):

@@ -77,16 +77,16 @@ def cli(*args):
 
 def test_generated_repository_is_sound(repo):
     assert check_repository(repo) == []
-    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["decode", "llava", "prefill", "vision"]
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["decode", "prefill", "vision", "vlm"]
     text = (repo / "vision" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in text and "max_batch_size: 8" in text
     assert "dims: 3\n  dims: 96\n  dims: 96" in text  # batch dim dropped
     dec = (repo / "decode" / "config.pbtxt").read_text()
     assert re.search(r'name: "text_mask"\s+data_type: TYPE_INT64\s+dims: -1', dec)
-    py = (repo / "llava" / "config.pbtxt").read_text()
+    py = (repo / "vlm" / "config.pbtxt").read_text()
     assert 'backend: "python"' in py and "KIND_CPU" in py and 'string_value: "inprocess"' in py
-    assert (repo / "llava/1/model.py").is_file() and (repo / "llava/1/vpexport/runtime/generate.py").is_file()
-    assert (repo / "llava/1/artifact/onnx/prefill.onnx").is_file()
+    assert (repo / "vlm/1/model.py").is_file() and (repo / "vlm/1/vpexport/runtime/generate.py").is_file()
+    assert (repo / "vlm/1/artifact/onnx/prefill.onnx").is_file()
     for f in repo.rglob("*"):  # the runtime copy is torch-free
         if f.suffix == ".py" and "vpexport" in f.parts:
             assert not re.search(r"^\s*(import|from)\s+(torch|transformers)\b", f.read_text(), re.M), f
@@ -104,15 +104,15 @@ def test_deploy_settings_bls_gpu(tmp_path):
     assert check_repository(repo) == []
     v = (repo / "vision" / "config.pbtxt").read_text()
     assert "KIND_GPU" in v and "count: 2" in v and "preferred_batch_size: 2" in v and "max_queue_delay_microseconds: 500" in v
-    assert 'string_value: "bls"' in (repo / "llava" / "config.pbtxt").read_text()
-    assert not (repo / "llava/1/artifact/onnx").exists()  # bls: the graphs live in the component models only
-    assert s["models"]["llava"]["provider"] == "cuda"
+    assert 'string_value: "bls"' in (repo / "vlm" / "config.pbtxt").read_text()
+    assert not (repo / "vlm/1/artifact/onnx").exists()  # bls: the graphs live in the component models only
+    assert s["models"]["vlm"]["provider"] == "cuda"
     # `vpexport build` passes the recipe's whole deploy section; a repository written here is replaced
     from vpexport.recipe.schema import DeploySection
 
     s = package_triton(art, repo, DeploySection.model_validate({"triton": {**cfg, "mode": "inprocess"}}))
     assert s["deploy"]["mode"] == "inprocess" and check_repository(repo) == []
-    assert (repo / "llava/1/artifact/onnx/vision.onnx").is_file()
+    assert (repo / "vlm/1/artifact/onnx/vision.onnx").is_file()
 
 
 def test_check_catches_wrong_platform(repo):
@@ -158,9 +158,9 @@ def test_check_catches_bls_wiring_and_placeholders(tmp_path):
     art = make_artifact(tmp_path / "art")
     package_triton(art, tmp_path / "repo", {"mode": "bls"})
     repo = tmp_path / "repo"
-    c = repo / "llava" / "config.pbtxt"
+    c = repo / "vlm" / "config.pbtxt"
     c.write_text(c.read_text().replace('"vision,prefill,decode"', '"vision,prefil,decode"'))
-    m = repo / "llava" / "1" / "model.py"
+    m = repo / "vlm" / "1" / "model.py"
     m.write_text(m.read_text() + "\nMODE = '{{mode}}'\n")
     problems = check_repository(repo)
     assert any("BLS component 'prefil' is not a model in the repository (did you mean 'prefill'?)" in p for p in problems)

@@ -3,7 +3,7 @@ packaged repository of recipes/mini_vqa.yaml on 127.0.0.1.
 
 * inprocess mode: 24 requests, 4 at a time from 4 client threads through tritonclient.http; every
   answer must equal `vpexport run ARTIFACT_DIR` (the torch-free runtime) on the same image/prompt.
-* bls mode: the llava model drives vision/prefill/decode through BLS requests. This server build
+* bls mode: the vlm model drives vision/prefill/decode through BLS requests. This server build
   has no onnxruntime backend, so the test swaps those three configs for python-backend stand-ins
   that run the same model.onnx with ONNX Runtime and keep the packaged inputs/outputs.
 
@@ -112,7 +112,7 @@ def reference(artifact, samples):
     return out
 
 
-def _infer_all(url, samples, model="llava"):
+def _infer_all(url, samples, model="vlm"):
     """Send every sample, CONCURRENCY at a time, each thread with its own HTTP client."""
     import tritonclient.http as httpclient
 
@@ -159,7 +159,10 @@ def _serve_and_compare(repo, models, samples, reference, tmp_path, min_requests=
         t0 = time.monotonic()
         answers, threads = _infer_all(h.http_url, samples)
         took = time.monotonic() - t0
-        stats = _stats(h.http_url, "llava")
+        # The server counts an inference after its response is sent: wait briefly for the last ones.
+        deadline = time.monotonic() + 10
+        while (stats := _stats(h.http_url, "vlm"))[0] < len(samples) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         rc = stop(h)
     assert h.proc.poll() is not None, "the server is still running after stop()"
@@ -168,7 +171,7 @@ def _serve_and_compare(repo, models, samples, reference, tmp_path, min_requests=
     mismatches = [(i, a, b) for i, (a, b) in enumerate(zip(answers, reference)) if a != b]
     print(f"\n[triton] {models}: ready in {ready_s:.1f} s, {len(answers)} requests ({CONCURRENCY} at a time, "
           f"{len(threads)} client threads) in {took:.1f} s, {len(answers) - len(mismatches)}/{len(answers)} "
-          f"answers equal vpexport run ({len(set(reference))} distinct); llava ran {stats[1]} executions for "
+          f"answers equal vpexport run ({len(set(reference))} distinct); vlm ran {stats[1]} executions for "
           f"{stats[0]} inferences; server exit code {rc}")
     assert len(answers) == len(samples) >= min_requests
     assert len(threads) > 1
@@ -184,7 +187,7 @@ def test_server_inprocess_matches_vpexport_run(artifact, samples, reference, tmp
     repo = tmp_path / "repo"
     s = package_triton(artifact, repo, None)  # deploy.triton of the exported recipe: inprocess, cpu
     assert s["deploy"]["mode"] == "inprocess" and check_repository(repo) == []
-    _serve_and_compare(repo, ["llava"], samples, reference, tmp_path)
+    _serve_and_compare(repo, ["vlm"], samples, reference, tmp_path)
 
 
 STANDIN = '''"""Test stand-in: the packaged ONNX graph run by ONNX Runtime inside a python-backend model."""
@@ -228,7 +231,7 @@ def test_server_bls_matches_vpexport_run(artifact, samples, reference, tmp_path)
         (repo / n / "1" / "model.py").write_text(STANDIN)
     assert check_repository(repo) == []  # the BLS wiring still names models with those inputs/outputs
     n = 8  # fewer requests: every decode step is a BLS round trip
-    _serve_and_compare(repo, ["vision", "prefill", "decode", "llava"], samples[:n], reference[:n], tmp_path, min_requests=n)
+    _serve_and_compare(repo, ["vision", "prefill", "decode", "vlm"], samples[:n], reference[:n], tmp_path, min_requests=n)
 
 
 def test_server_inprocess_openvino_matches_vpexport_run(artifact, samples, reference, tmp_path):
@@ -238,10 +241,10 @@ def test_server_inprocess_openvino_matches_vpexport_run(artifact, samples, refer
 
     repo = tmp_path / "repo"
     s = package_triton(artifact, repo, None, provider="openvino", precision="f32")
-    assert s["models"]["llava"]["provider"] == "openvino" and check_repository(repo) == []
-    cfg = (repo / "llava" / "config.pbtxt").read_text()
+    assert s["models"]["vlm"]["provider"] == "openvino" and check_repository(repo) == []
+    cfg = (repo / "vlm" / "config.pbtxt").read_text()
     assert re.search(r'key: "provider"\s+value \{\s+string_value: "openvino"', cfg)
-    _serve_and_compare(repo, ["llava"], samples, reference, tmp_path)
+    _serve_and_compare(repo, ["vlm"], samples, reference, tmp_path)
 
 
 def test_sigterm_to_the_server_command_stops_tritonserver_and_removes_its_work_dir(artifact, tmp_path):
@@ -285,3 +288,57 @@ def test_sigterm_to_the_server_command_stops_tritonserver_and_removes_its_work_d
         raise AssertionError("tritonserver still runs after its launcher got SIGTERM")
     assert not work.exists(), f"the server's work dir {work} was left behind"
     assert "Traceback" not in p.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def qwen_artifact(tmp_path_factory):
+    """A tiny random Qwen2.5-VL folder (model, tokenizer, preprocessor_config.json) exported with a
+    HiMAP schedule: M-RoPE positions and the fixed-grid resize run inside the python model."""
+    from tests.artifact_helpers import QWEN_TEMPLATE, build_qwen_checkpoint
+    from vpexport.export.onnx_export import export_artifacts
+    from vpexport.paths import resolve_schedule
+    from vpexport.recipe import load_recipe
+
+    try:
+        find_layout()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"the nvidia-pytriton wheel has no usable tritonserver here: {e}")
+    tmp = tmp_path_factory.mktemp("triton_qwen")
+    ckpt = build_qwen_checkpoint(tmp / "ckpt", "qwen2.5-vl")
+    recipe_path = tmp / "qwen.yaml"
+    recipe_path.write_text(f"""name: qwen
+model: {{path: {ckpt}, dtype: float32, image_size: [112, 140]}}
+task: {{type: vqa, prompt: {json.dumps(QWEN_TEMPLATE)}, max_new_tokens: 5}}
+pruning: {{method: himap, points: [{{layer: 2, keep: 12}}, {{layer: 5, keep: 4}}]}}
+export: {{text_length: {{mode: padded, max: 16}}}}
+""")
+    recipe = load_recipe(recipe_path)
+    art = tmp / "art"
+    export_artifacts(recipe, art, resolve_schedule(recipe, recipe.resolve_arch(), art), log=lambda m: None)
+    return art
+
+
+def test_server_serves_a_qwen_artifact_as_vpexport_run_answers(qwen_artifact, samples, tmp_path):
+    """The same repository layout and python model for another model family: answers equal `vpexport run`."""
+    from click.testing import CliRunner
+
+    from vpexport.cli import cli
+    from vpexport.package.triton import check_repository, package_triton
+
+    n = 8
+    reference = []
+    for img, q in samples[:n]:
+        r = CliRunner().invoke(cli, ["run", str(qwen_artifact), "--image", str(img), "--prompt", q, "--json"])
+        assert r.exit_code == 0, r.output
+        reference.append(json.loads(r.output)["answers"][0]["text"])
+    repo = tmp_path / "repo"
+    package_triton(qwen_artifact, repo, None)
+    assert check_repository(repo) == []
+    h = start_server(repo, models=["vlm"], work_dir=tmp_path / "server")
+    try:
+        wait_ready(h, ["vlm"], timeout=180)
+        answers, _ = _infer_all(h.http_url, samples[:n])
+    finally:
+        rc = stop(h)
+    assert answers == reference
+    assert rc == 0, h.log()[-2000:]

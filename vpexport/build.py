@@ -31,8 +31,9 @@ from vpexport.paths import SCHEDULE_FILE, artifact_dir
 class Stage:
     name: str
     run: Callable  # (ctx) -> dict summary
-    applies: Callable = lambda ctx: True  # noqa: E731
+    applies: Callable = lambda recipe: True  # noqa: E731
     key_sections: tuple[str, ...] = ()  # recipe sections this stage depends on (beyond upstream keys)
+    needs_data: tuple[str, ...] = ()  # task.data splits it reads (checked before the first stage runs)
     optional_runtime: bool = False  # RuntimeUnavailable -> skipped with one line, not a failure
 
 
@@ -106,11 +107,11 @@ def _stage_package(ctx: Context) -> dict:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("calibrate", _stage_calibrate, lambda c: c.recipe.calibrating, ("model", "task", "pruning")),
+    Stage("calibrate", _stage_calibrate, lambda r: r.calibrating, ("model", "task", "pruning"), ("calib", "eval")),
     Stage("export", _stage_export, key_sections=("model", "task", "pruning", "export")),
     Stage("engine", _stage_engine, key_sections=("engine",), optional_runtime=True),
-    Stage("validate", _stage_validate, key_sections=("validate",)),
-    Stage("package", _stage_package, lambda c: c.recipe.deploy.triton.enabled, ("deploy",)),
+    Stage("validate", _stage_validate, key_sections=("validate",), needs_data=("eval",)),
+    Stage("package", _stage_package, lambda r: r.deploy.triton.enabled, ("deploy",)),
 )
 
 
@@ -193,6 +194,7 @@ def build(recipe, out: str | Path | None = None, force: bool = False, log=print)
     ensure_model(recipe, log)
     if recipe.model.synth is not None:
         recipe = load_recipe(recipe.source)  # now fully checkable
+    _check_data(recipe)
     final = artifact_dir(recipe, out)
     with artifact_lock(final, "build") as lock:
         if lock.stale:
@@ -201,6 +203,20 @@ def build(recipe, out: str | Path | None = None, force: bool = False, log=print)
         for r in lock.removed:
             log(f"[build] removed or restored: {r}")
         return _build_locked(recipe, final, staging_path(final), force, log, t_start)
+
+
+def _check_data(recipe) -> None:
+    """Before any weights load: the splits the build's stages read must be named, and every given
+    sample file parses (every row, every image path), so a missing split or a malformed line fails
+    the build at once, not after minutes of export."""
+    from vpexport.data import load_samples
+
+    for split in sorted({s for st in STAGES if st.applies(recipe) for s in st.needs_data}):
+        recipe.require_data(split)
+    for split in ("calib", "eval"):
+        path = getattr(recipe.task.data, split)
+        if path:
+            load_samples(path, field=f"task.data.{split}")
 
 
 def _build_locked(recipe, final: Path, staging: Path, force: bool, log, t_start: float) -> dict:
@@ -223,7 +239,7 @@ def _build_locked(recipe, final: Path, staging: Path, force: bool, log, t_start:
     records = {}
     arch = recipe.resolve_arch()
     for st in STAGES:
-        if not st.applies(ctx):
+        if not st.applies(recipe):
             records[st.name] = {"status": "not requested"}
             continue
         if st.name == "export":  # the schedule is fixed from here on (recipe or calibrated)

@@ -51,7 +51,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vpexport")
 def cli():
-    """vpexport: compile a LLaVA-style model into static-shape, visual-token-pruned artifacts."""
+    """vpexport: compile a multimodal LLM (LLaVA, Qwen2-VL, Qwen2.5-VL) into static-shape, visual-token-pruned artifacts."""
 
 
 def _terminate(signum, frame):

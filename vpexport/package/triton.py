@@ -9,12 +9,12 @@ Layout written (every config built as a `model_config_pb2.ModelConfig` message, 
     OUT/vision/1/model.onnx    (model.plan)
     OUT/prefill/...            same
     OUT/decode/...             same
-    OUT/llava/config.pbtxt     backend python; image (encoded bytes) + prompt (the question) -> text
-    OUT/llava/1/model.py       the generation loop; parameters{mode}: inprocess (ONNX Runtime in the
+    OUT/vlm/config.pbtxt       backend python; image (encoded bytes) + prompt (the question) -> text
+    OUT/vlm/1/model.py         the generation loop; parameters{mode}: inprocess (ONNX Runtime in the
                                stub, torch-free runtime) or bls (InferenceRequest to vision/prefill/decode)
-    OUT/llava/1/vpexport/      a copy of the torch-free runtime package (numpy, pillow, tokenizers, onnxruntime)
-    OUT/llava/1/artifact/      manifest.json + runtime/ assets (+ onnx/ and engines/ in inprocess mode)
-    OUT/llava/1/bls.json       the component models' input/output names (the BLS wiring)
+    OUT/vlm/1/vpexport/        a copy of the torch-free runtime package (numpy, pillow, tokenizers, onnxruntime)
+    OUT/vlm/1/artifact/        manifest.json + runtime/ assets (+ onnx/ and engines/ in inprocess mode)
+    OUT/vlm/1/bls.json         the component models' input/output names (the BLS wiring)
 
 Inputs/outputs, data types and dims come from the ONNX graphs: when dim 0 of every input and
 output is the same symbolic axis it is the batch axis (`max_batch_size` set, dim 0 dropped);
@@ -35,7 +35,7 @@ from pathlib import Path
 from vpexport.errors import ArtifactError, RuntimeUnavailable, UserInputError
 
 COMPONENTS = ("vision", "prefill", "decode")
-PY_MODEL = "llava"
+PY_MODEL = "vlm"  # the one model clients call, whatever the model family
 MODES = ("inprocess", "bls")
 MARKER_FILE = ".vpexport-package.json"  # in OUT: written by package_triton
 
@@ -168,7 +168,7 @@ def component_config(name: str, sig: dict, platform: str, d: dict):
     return cfg
 
 
-def llava_config(name: str, d: dict, components: list[str], provider: str, threads: int, precision: str = "auto"):
+def python_model_config(name: str, d: dict, components: list[str], provider: str, threads: int, precision: str = "auto"):
     pb, _ = _pb()
     cfg = pb.ModelConfig()
     cfg.name = name
@@ -328,7 +328,7 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
         wiring = {n: {"inputs": [i[0] for i in sigs[n]["inputs"]], "outputs": [o[0] for o in sigs[n]["outputs"]]}
                   for n in COMPONENTS}
         (ver / "bls.json").write_text(json.dumps(wiring, indent=2) + "\n")
-        cfg = llava_config(model_name, d, list(COMPONENTS), provider, threads, precision)
+        cfg = python_model_config(model_name, d, list(COMPONENTS), provider, threads, precision)
         _write_config(pm, cfg)
         models[model_name] = {"backend": "python", "mode": d["mode"], "provider": provider,
                               "max_batch_size": cfg.max_batch_size}

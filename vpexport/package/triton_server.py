@@ -24,7 +24,7 @@ What the server needs (this mirrors `pytriton.triton.Triton._prepare_triton_infe
 
 Manual run (what `start_server` does; see docs/triton.md):
 
-    python -m vpexport.package.triton_server REPO --models llava --http-port 8000
+    python -m vpexport.package.triton_server REPO --models vlm --http-port 8000
 
 Used by tests/test_triton_server.py. Stop is by process id (the server's own process group).
 """
@@ -178,7 +178,7 @@ def server_command(repo, http_port, grpc_port, metrics_port, models, backends: P
 
 
 def start_server(repo, http_port: int | None = None, grpc_port: int | None = None, metrics_port: int | None = None,
-                 models=("llava",), host: str = "127.0.0.1", work_dir=None, env_extra: dict | None = None,
+                 models=("vlm",), host: str = "127.0.0.1", work_dir=None, env_extra: dict | None = None,
                  log_verbose: int = 0) -> ServerHandle:
     """Start tritonserver on REPO in the background (its own process group); returns at once.
 
@@ -214,7 +214,7 @@ def start_server(repo, http_port: int | None = None, grpc_port: int | None = Non
                         log_path=log_path, work_dir=work, _tmp=tmp)
 
 
-def wait_ready(handle: ServerHandle, models=("llava",), timeout: float = 120.0) -> float:
+def wait_ready(handle: ServerHandle, models=("vlm",), timeout: float = 120.0) -> float:
     """Block until the server and `models` are ready (HTTP /v2/health/ready and /v2/models/M/ready).
 
     Returns the seconds since start. RuntimeUnavailable with the log's tail if the server exits
@@ -289,7 +289,7 @@ def main(argv=None):  # python -m vpexport.package.triton_server REPO [--models 
 
     ap = argparse.ArgumentParser(description="Run the nvidia-pytriton tritonserver on a model repository.")
     ap.add_argument("repo")
-    ap.add_argument("--models", default="llava", help="comma-separated models to load ('' = all)")
+    ap.add_argument("--models", default="vlm", help="comma-separated models to load ('' = all)")
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
