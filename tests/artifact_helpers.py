@@ -22,6 +22,7 @@ POINTS = {
     "visipruner": ("[{layer: 3, keep: 10}, {layer: 6, keep: 0}]", 2),
     "dart": ("[{layer: 2, keep: 40}]", 0),
     "divprune": ("[{layer: 0, keep: 30}]", 0),
+    "cdpruner": ("[{layer: 0, keep: 36}]", 0),
 }
 
 

@@ -90,7 +90,7 @@ def reference_forward(model, ids, mask, feats, prefix, schedule: Schedule, fixed
                     raise ValueError("index-only rules need fixed_kept")
                 elif RULES[pt.rule].pre_llm:  # the projector's output, before any layer
                     s = RULES[pt.rule].reference(ReferenceInputs(None, None, prefix, n, h.shape[1] - 1, text_valid,
-                                                                 keep=pt.keep, features=h[0, prefix : prefix + n]))
+                                                                 keep=pt.keep, features=h[0, prefix : prefix + n], sequence=h[0]))
                     top = sorted(torch.topk(s, pt.keep).indices.tolist())
                     chosen = [vis[t] for t in top]
                 else:

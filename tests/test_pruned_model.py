@@ -73,6 +73,7 @@ SCHEDULES = {
     "dart": METHODS["dart"].schedule([(2, 19)]),
     "divprune": METHODS["divprune"].schedule([(0, 11)]),
     "divprune_exit": METHODS["divprune_exit"].schedule([(0, 11), (3, 0)]),
+    "cdpruner": METHODS["cdpruner"].schedule([(0, 13)]),
 }
 
 

@@ -79,8 +79,9 @@ def test_matches_hf_image_features(model, size_index):
     graph = QwenVisionGraph(m.model.visual, size).eval()
     assert graph.grid == (1, size[0] // PATCH, size[1] // PATCH)
     assert graph.tokens == (size[0] // 28) * (size[1] // 28)
-    if kind == "qwen2.5":  # the sizes must exercise both attention kinds
-        assert graph.window_mask is not None and set(graph.block_windowed) == {True, False}
+    if kind == "qwen2.5":  # the sizes must exercise both attention kinds, and whole and padded windows
+        assert graph.windows > 1 and set(graph.block_windowed) == {True, False}
+        assert (graph.pad_index is not None) == (size_index == 1)
     gen = torch.Generator().manual_seed(size_index)
     for batch in (1, 3):
         x = torch.randn(batch, 3, *size, generator=gen)

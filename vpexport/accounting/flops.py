@@ -59,14 +59,14 @@ def decoder_layer_flops(t: TextSpec, n: int, kv_len: int | None = None) -> dict[
     }
 
 
-def scoring_flops(rule: str, t: TextSpec, n: int, text: int, visual_in: int) -> int:
+def scoring_flops(rule: str, t: TextSpec, n: int, text: int, visual_in: int, keep: int = 0) -> int:
     """Extra FLOPs of one prune point's scoring (per sample); read from layer K-1's tensors. Each
     rule states its own (vpexport/methods)."""
     from vpexport.methods import RULES
 
     if rule not in RULES:
         raise ValueError(f"unknown scoring rule {rule!r}")
-    return RULES[rule].flops(t, n, text, visual_in)
+    return RULES[rule].flops(t, n, text, visual_in, keep)
 
 
 def vision_flops(arch: ArchSpec, batch: int = 1) -> dict[str, int]:
@@ -107,7 +107,7 @@ def prefill_flops(arch: ArchSpec, schedule: Schedule | None, layout: PromptLayou
         k = p.layer
         # A point at K scores from layer K-1; one at layer 0 from the projector's output (all tokens).
         n_in, vis_in = (ns[k - 1], vis[k - 1]) if k else (dense_n, layout.visual)
-        f = scoring_flops(p.rule, t, n_in, layout.text, vis_in) * b
+        f = scoring_flops(p.rule, t, n_in, layout.text, vis_in, p.keep) * b
         scoring.append({"layer": k, "rule": p.rule, "flops": f})
         pruned_c["scoring"] += f
         per_layer[max(0, k - 1)]["pruned"] += f

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from vpexport.methods.base import Method, Rule
 from vpexport.methods.baselines import NoPruning, Random, Uniform
+from vpexport.methods.cdpruner import CDPruner
 from vpexport.methods.dart import DART
 from vpexport.methods.divprune import DivPrune, DivPruneExit
 from vpexport.methods.fastv import FastV
@@ -23,6 +24,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     DART(),
     DivPrune(),
     DivPruneExit(),
+    CDPruner(),
     Random(),
     Uniform(),
 )}

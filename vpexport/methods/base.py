@@ -88,6 +88,7 @@ class ReferenceInputs:
     hidden: "torch.Tensor | None" = None
     keep: int = 0
     features: "torch.Tensor | None" = None  # (n, d) the projector's output, for pre-LLM rules
+    sequence: "torch.Tensor | None" = None  # (L, d) the valid embedded sequence entering layer 0 (pre-LLM rules)
 
 
 def attention_probs(q_rows, k, allowed_rows):
@@ -124,9 +125,10 @@ class Rule:
     # its point sits at layer 0, reads `ScoreInputs.h_out` as those features and nothing else.
     pre_llm: ClassVar[bool] = False
 
-    def flops(self, t: "TextSpec", n: int, text: int, visual_in: int) -> int:
+    def flops(self, t: "TextSpec", n: int, text: int, visual_in: int, keep: int = 0) -> int:
         """Extra FLOPs of this point's scoring per sample: `n` tokens at layer K-1, `text` text
-        tokens, `visual_in` visual tokens present."""
+        tokens, `visual_in` visual tokens present, `keep` the point's budget (for a greedy
+        selection whose cost grows with it)."""
         return 0
 
 

@@ -88,7 +88,7 @@ class DuplicationAware(ScoreRule):
             taken = torch.maximum(taken, torch.zeros_like(taken).scatter(1, sel, ok))
         return taken
 
-    def flops(self, t, n, text, visual_in):
+    def flops(self, t, n, text, visual_in, keep=0):
         # L1 norms of the keys, then one cosine similarity per pivot and visual token (hidden size)
         qd = t.heads * t.head_dim
         return (visual_in + text) * qd + 2 * (PIVOT_IMAGE + PIVOT_TEXT) * visual_in * t.hidden

@@ -53,7 +53,7 @@ class MaxMinDiversity(ScoreRule):
             nearest = torch.minimum(nearest, dist[rows, idx])
         return chosen
 
-    def flops(self, t, n, text, visual_in):
+    def flops(self, t, n, text, visual_in, keep=0):
         # the n x n cosine similarities over the hidden size
         return 2 * visual_in * visual_in * t.hidden
 

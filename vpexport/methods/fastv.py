@@ -15,7 +15,7 @@ class LastTokenAttention(ScoreRule):
         pr = attention_probs(gather_rows(x.q, idx), x.k, gather_rows(x.allowed, idx))  # (B, H, 1, L)
         return pr[:, :, 0, x.p : x.p + x.n].mean(dim=1)
 
-    def flops(self, t, n, text, visual_in):
+    def flops(self, t, n, text, visual_in, keep=0):
         return 2 * 1 * n * t.heads * t.head_dim
 
     def reference(self, x):

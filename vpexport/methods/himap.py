@@ -17,7 +17,7 @@ class TextAttention(ScoreRule):
         pr = pr * x.key_valid[:, None, t0:, None].to(pr.dtype)  # padded text rows do not vote
         return pr[:, :, :, x.p : x.p + x.n].sum(dim=2).mean(dim=1)
 
-    def flops(self, t, n, text, visual_in):
+    def flops(self, t, n, text, visual_in, keep=0):
         return 2 * text * n * t.heads * t.head_dim
 
     def reference(self, x):
@@ -34,7 +34,7 @@ class VisualAttention(ScoreRule):
         pr = attention_probs(x.q[:, :, vis], x.k, x.allowed[:, :, vis])  # (B, H, n, L)
         return pr[:, :, :, vis].sum(dim=2).mean(dim=1)
 
-    def flops(self, t, n, text, visual_in):
+    def flops(self, t, n, text, visual_in, keep=0):
         return 2 * visual_in * n * t.heads * t.head_dim
 
     def reference(self, x):

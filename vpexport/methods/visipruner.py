@@ -23,7 +23,7 @@ class ValueContribution(ScoreRule):
         # ||c_j||_2 with c_j = a_{last,j} * v_j per head, heads concatenated (before o_proj)
         return (a.pow(2) * vn2).sum(dim=1).sqrt()
 
-    def flops(self, t, n, text, visual_in):
+    def flops(self, t, n, text, visual_in, keep=0):
         qd = t.heads * t.head_dim
         return 2 * 1 * n * qd + 2 * visual_in * qd
 
