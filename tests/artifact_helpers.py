@@ -23,6 +23,7 @@ POINTS = {
     "dart": ("[{layer: 2, keep: 40}]", 0),
     "divprune": ("[{layer: 0, keep: 30}]", 0),
     "cdpruner": ("[{layer: 0, keep: 36}]", 0),
+    "dart_projector": ("[{layer: 0, keep: 41}]", 0),
 }
 
 

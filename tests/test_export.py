@@ -55,7 +55,7 @@ def test_prefill_matches_torch(exported, method):
     kept = [n for n in names if n.startswith("kept.")]
     ref_kept = [k for k, pt in zip(ref.kept, pm.schedule.points) if pt.rule != "drop_all"]
     assert len(names) == 1 + 2 * pm.num_layers + len(kept)
-    assert len(kept) == len(ref_kept) == {"fastv": 1, "himap": 2, "visipruner": 1, "dart": 1, "divprune": 1, "cdpruner": 1}[method]
+    assert len(kept) == len(ref_kept) == {"fastv": 1, "himap": 2, "visipruner": 1, "dart": 1, "divprune": 1, "cdpruner": 1, "dart_projector": 1}[method]
     for j, k in enumerate(ref_kept):
         assert out[f"kept.{j}"].dtype == np.int64
         np.testing.assert_array_equal(out[f"kept.{j}"], k.numpy())

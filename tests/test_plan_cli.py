@@ -114,7 +114,7 @@ def test_plan_calibrate_shows_published_default(tmp_path, capsys):
 
 def test_plan_auto_lists_candidates(tmp_path, capsys):
     p = plan_json(capsys, _calib_recipe(tmp_path, "auto"))
-    assert [c["method"] for c in p["calibration"]["candidates"]] == auto_candidates() == ["fastv", "himap", "visipruner", "dart", "divprune", "divprune_exit", "cdpruner"]
+    assert [c["method"] for c in p["calibration"]["candidates"]] == auto_candidates() == ["fastv", "himap", "visipruner", "dart", "dart_projector", "divprune", "divprune_exit", "cdpruner"]
     code, out, _ = run_plan(capsys, _calib_recipe(tmp_path, "auto"))
     assert "calibration will try fastv, himap, visipruner" in out
 

@@ -74,6 +74,8 @@ SCHEDULES = {
     "divprune": METHODS["divprune"].schedule([(0, 11)]),
     "divprune_exit": METHODS["divprune_exit"].schedule([(0, 11), (3, 0)]),
     "cdpruner": METHODS["cdpruner"].schedule([(0, 13)]),
+    # 4 image + 4 text pivots, takes ceil(rest / pivots left): 4, 3, 3, ... of the 17 after the pivots
+    "dart_projector": METHODS["dart_projector"].schedule([(0, 21)]),
 }
 
 

@@ -111,7 +111,7 @@ def test_validate_precision_on_a_fixed_precision_provider_is_one_line(good):
     assert r.returncode == 2 and "--precision" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("method,keep", [("dart", 40), ("divprune", 30), ("cdpruner", 36)])
+@pytest.mark.parametrize("method,keep", [("dart", 40), ("divprune", 30), ("cdpruner", 36), ("dart_projector", 41)])
 def test_attention_free_methods_export_validate_and_run_without_torch_from_the_cli(tmp_path, method, keep):
     """The attention-free methods end to end (DART in the decoder, DivPrune before it): export,
     validate (every output, kept indices, all generations), and the torch-free runtime answering

@@ -10,7 +10,7 @@ from __future__ import annotations
 from vpexport.methods.base import Method, Rule
 from vpexport.methods.baselines import NoPruning, Random, Uniform
 from vpexport.methods.cdpruner import CDPruner
-from vpexport.methods.dart import DART
+from vpexport.methods.dart import DART, DARTProjector
 from vpexport.methods.divprune import DivPrune, DivPruneExit
 from vpexport.methods.fastv import FastV
 from vpexport.methods.himap import HiMAP
@@ -22,6 +22,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     HiMAP(),
     VisiPruner(),
     DART(),
+    DARTProjector(),
     DivPrune(),
     DivPruneExit(),
     CDPruner(),

@@ -137,3 +137,106 @@ class DART(Method):
         for K in range(1, search.L):
             for k in search.keeps(search.N):
                 yield [(K, k)], 0
+
+
+# --------------------------------------------------------------------------- before the decoder
+def projector_takes(keep: int, img: int, pivots: int) -> list[int]:
+    """How many tokens each pivot takes before the decoder, in visiting order: pivot p takes
+    ceil(rest / (pivots - p)) of what is left, as TensorRT Edge-LLM's DART pruner does."""
+    out, rest = [], keep - img
+    for j in range(pivots):
+        c = -(-rest // (pivots - j)) if rest > 0 else 0
+        out.append(c)
+        rest -= c
+    return out
+
+
+def projector_text_pivots(p: int) -> int:
+    """Text pivots before the decoder: 4, or fewer when the prompt may have fewer non-image tokens
+    (the prefix and at least one text token are always there), so the count is static."""
+    return min(PIVOT_TEXT, p + 1)
+
+
+class DuplicationAtProjector(ScoreRule):
+    name = "duplication_projector"
+    summary = "pivots by embedding L1 norm; each keeps the visual tokens least similar to it (DART before the LLM)"
+    keep_dependent = True
+    pre_llm = True
+
+    def score(self, x, keep):
+        import torch
+
+        p, n = x.p, x.n
+        emb = x.h_out.float()  # (B, L, d): the sequence entering layer 0
+        b, L, d = emb.shape
+        dev = emb.device
+        l1 = emb.abs().sum(-1)  # (B, L)
+        img = min(PIVOT_IMAGE, keep, n)
+        txt = projector_text_pivots(p)
+        # Visual pivots: the largest L1 norms of the image span, in decreasing norm. Text pivots:
+        # the largest among every valid token outside it (the prompt's prefix and text).
+        img_piv = torch.topk(l1[:, p : p + n], img, dim=-1).indices  # (B, img) within the span
+        other = torch.cat([x.key_valid[:, :p], torch.zeros(b, n, dtype=torch.bool, device=dev),
+                           x.key_valid[:, p + n :]], dim=1)
+        txt_piv = torch.topk(l1.masked_fill(~other, float("-inf")), txt, dim=-1).indices  # (B, txt)
+        pivots = torch.cat([img_piv + p, txt_piv], dim=1)  # visiting order: image, then text
+        unit = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        vis = unit[:, p : p + n]  # (B, n, d)
+        taken = torch.zeros(b, n, device=dev).scatter(1, img_piv, 1.0)
+        for j, count in enumerate(projector_takes(keep, img, img + txt)):
+            if count == 0:
+                continue
+            piv = torch.gather(unit, 1, pivots[:, j, None, None].expand(b, 1, d))  # (B, 1, d)
+            sim = torch.matmul(vis, piv.transpose(1, 2))[..., 0]  # (B, n) cosine similarities
+            sel = torch.topk((-sim).masked_fill(taken > 0, float("-inf")), count, dim=-1).indices
+            taken = taken.scatter(1, sel, 1.0)
+        return taken
+
+    def flops(self, t, n, text, visual_in, keep=0):
+        # L1 norms of the embeddings, then one cosine similarity per pivot and visual token
+        return n * t.hidden + 2 * (PIVOT_IMAGE + PIVOT_TEXT) * visual_in * t.hidden
+
+    def reference(self, x):
+        """Edge-LLM's per-span loop for one unpadded sample, with Python lists."""
+        import torch
+
+        p, n, keep = x.p, x.n, x.keep
+        seq = x.sequence.double()
+        l1 = seq.abs().sum(-1).tolist()
+        span = list(range(p, p + n))
+        text_pos = [i for i in range(len(l1)) if not p <= i < p + n]
+        by_norm = lambda pos: sorted(pos, key=lambda i: (-l1[i], i))  # noqa: E731 - ties: lower index
+        img_piv = by_norm(span)[: min(PIVOT_IMAGE, keep, n)]
+        txt_piv = by_norm(text_pos)[: projector_text_pivots(p)]
+        retained = list(img_piv)
+        cand = [i for i in span if i not in img_piv]
+        pivots = img_piv + txt_piv
+        for j, piv in enumerate(pivots):
+            rest = keep - len(retained)
+            if rest <= 0 or not cand:
+                break
+            k = -(-rest // (len(pivots) - j))
+            e = seq[piv]
+            score = {c: -float(e @ seq[c]) / max(float(e.norm() * seq[c].norm()), 1e-8) for c in cand}
+            top = sorted(cand, key=lambda c: (-score[c], c))[:k]
+            retained += top
+            cand = [c for c in cand if c not in top]
+        out = torch.zeros(n)
+        out[[i - p for i in retained]] = 1.0
+        return out
+
+
+class DARTProjector(Method):
+    name = "dart_projector"
+    summary = "one point before the decoder; keep the visual tokens least similar to embedding-norm pivots"
+    reference = "DART (Wen et al., 2025, arXiv 2502.11494), the pre-LLM form of TensorRT Edge-LLM"
+    rules = (DuplicationAtProjector(),)
+
+    def default(self, layers, visual, task):
+        # Edge-LLM's default reductionRatio 0.25: 75% of the visual tokens stay.
+        return self.schedule([(0, max(1, -(-visual * 3 // 4)))],
+                             meta={"published": "DART before the LLM, Edge-LLM reductionRatio 0.25"})
+
+    def coarse(self, search):
+        for k in search.keeps(search.N):
+            yield [(0, k)], 0
