@@ -212,3 +212,40 @@ def test_calibrate_help_lists_the_methods_auto_searches():
 
     out = " ".join(CliRunner().invoke(calibrate, ["--help"]).output.split())
     assert "(method auto: " + ", ".join(auto_candidates()) + ")" in out
+
+
+def test_plan_shows_the_calibrated_schedule_of_a_recipe_and_of_its_artifact_folder(capsys, tmp_path):
+    """Once calibration wrote schedule.json, `plan RECIPE` and `plan ARTIFACT_DIR` show that schedule
+    (what eval / export / run use), saying where it came from; its FLOPs are that schedule's."""
+    from vpexport.recipe import save_resolved
+
+    raw = yaml.safe_load((ROOT / "recipes" / "mini_vqa.yaml").read_text())
+    raw["model"]["path"] = str(ROOT / "vpexport" / "testbed" / "checkpoints" / "mini-llava")
+    raw["task"]["data"] = {k: str(ROOT / "data" / "mini" / "vqa" / f"{k}.jsonl") for k in ("calib", "eval")}
+    recipe_path = tmp_path / "mini_vqa.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    if not Path(raw["model"]["path"], "config.json").is_file():
+        pytest.skip("the trained mini checkpoint is not in this checkout")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the recipe's artifact folder is artifacts/<name> under the working directory
+    try:
+        before = plan_json(capsys, recipe_path)
+        assert before["schedule"]["origin"].startswith("published default")
+        art = tmp_path / "artifacts" / "mini_vqa"
+        art.mkdir(parents=True)
+        chosen = METHODS["divprune"].schedule([(0, 20)])
+        (art / "schedule.json").write_text(json.dumps({"schedule": chosen.to_dict()}))
+        r = load_recipe(recipe_path)
+        save_resolved(r, art)
+        for source in (recipe_path, art):
+            p = plan_json(capsys, source)
+            assert p["schedule"]["method"] == "divprune" and [q["keep"] for q in p["schedule"]["points"]] == [20]
+            assert p["schedule"]["origin"].startswith("calibrated: ") and "schedule.json" in p["schedule"]["origin"]
+            arch = r.resolve_arch()
+            assert p["flops"]["ratio"] == prefill_flops(arch, chosen, r.layout(arch))["ratio"]
+            code, out, _ = run_plan(capsys, source)
+            assert code == 0 and "schedule divprune: layer 0 keep 20 (diversity)  [calibrated: " in out
+    finally:
+        os.chdir(cwd)
+    code, _, err = run_plan(capsys, tmp_path)  # a folder that is not an artifact folder
+    assert code == 2 and "recipe.resolved.yaml" in err and "Traceback" not in err

@@ -1,4 +1,7 @@
-"""`vpexport plan RECIPE`: segments, static shapes, FLOPs and KV-cache bytes, without weights or torch."""
+"""`vpexport plan RECIPE|ARTIFACT_DIR`: segments, static shapes, FLOPs and KV-cache bytes, without
+weights or torch. The schedule shown is the one `eval`, `export` and `run` use: the recipe's points,
+or the calibrated schedule.json in the artifact folder once calibration wrote it (else the
+published default calibration starts from)."""
 
 from __future__ import annotations
 
@@ -63,8 +66,26 @@ def _summary(arch, sched, layout) -> dict:
     return {"method": sched.method, "schedule": sched.to_dict(), "flops_ratio": f["ratio"], "paper_ratio": paper_flops(arch, sched)["ratio"]}
 
 
+def _load(source: str):
+    """(recipe, artifact folder or None) for a recipe file or an artifact folder."""
+    from pathlib import Path
+
+    from vpexport.errors import UserInputError
+
+    path = Path(source)
+    if path.is_dir():
+        resolved = path / "recipe.resolved.yaml"
+        if not resolved.is_file():
+            raise UserInputError(f"{path} is a folder without recipe.resolved.yaml", field="RECIPE",
+                                 fix="give a recipe file or an artifact folder written by `vpexport build` / `export` / `calibrate`")
+        return load_recipe(resolved), path
+    return load_recipe(path), None
+
+
 def build_plan(recipe_path: str, batch: int = 1) -> dict:
-    r = load_recipe(recipe_path)
+    from vpexport.paths import SCHEDULE_FILE, artifact_dir, resolve_schedule
+
+    r, folder = _load(recipe_path)
     arch = r.resolve_arch()
     layout = r.layout(arch, batch=batch)
     method = r.pruning.method
@@ -93,6 +114,12 @@ def build_plan(recipe_path: str, batch: int = 1) -> dict:
             ),
         }
         origin = "published default (calibration will replace it)"
+        calibrated = artifact_dir(r, folder) / SCHEDULE_FILE
+        if calibrated.is_file():  # what eval / export / run use from now on
+            shown = resolve_schedule(r, arch, folder)
+            origin = f"calibrated: {calibrated}"
+            calib["note"] = (f"the calibrated schedule in {calibrated} is shown (`vpexport calibrate` searches again); "
+                             f"calibration tries {', '.join(cands)}")
     else:
         shown = r.schedule(arch)
         origin = "recipe"
@@ -191,11 +218,14 @@ def render(p: dict) -> str:
 
 
 @click.command("plan")
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size for FLOPs and KV bytes.")
 def plan(recipe: str, as_json: bool, batch: int):
-    """Show RECIPE's segments, static shapes, FLOPs (exact and paper) and KV-cache bytes. No weights, no torch."""
+    """Show RECIPE's segments, static shapes, FLOPs (exact and paper) and KV-cache bytes. No weights, no torch.
+
+    RECIPE is a recipe file or an artifact folder (its recipe.resolved.yaml). A recipe that calibrates
+    shows its calibrated schedule once `calibrate` / `build` wrote one, else its published default."""
     p = build_plan(recipe, batch=batch)
     if as_json:
         click.echo(json.dumps(p, indent=2))
