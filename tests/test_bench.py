@@ -35,6 +35,21 @@ def test_bench_reports_every_figure(art, tmp_path):
 
     assert res["artifact_digest"] == artifact_digest(json.loads((art / "manifest.json").read_text()))
     assert 0 < res["flops"]["ratio"] < 1 and 0 < res["kv_cache"]["ratio"] < 1
+    # The bench's FLOPs are at the timed length: the recipe's layout with the text at the graphs' width
+    # (padded to export.text_length.max = 16), named as such; plan / eval give the recipe's own.
+    from vpexport.accounting import prefill_flops
+    from vpexport.recipe import load_recipe
+
+    recipe = load_recipe(art / "recipe.resolved.yaml")
+    arch = recipe.resolve_arch()
+    layout = recipe.layout(arch)
+    assert res["flops"]["tokens"] == {"prefix": layout.prefix, "visual": layout.visual, "text": 16}
+    from dataclasses import replace
+
+    from vpexport.paths import resolve_schedule
+
+    timed = prefill_flops(arch, resolve_schedule(recipe, arch, art), replace(layout, text=16))
+    assert res["flops"]["ratio"] == round(timed["ratio"], 4)
     cpu = res["providers"]["cpu"]
     for key in ("ttft", "prefill", "decode", "memory"):
         assert key in cpu, key

@@ -249,3 +249,27 @@ def test_plan_shows_the_calibrated_schedule_of_a_recipe_and_of_its_artifact_fold
         os.chdir(cwd)
     code, _, err = run_plan(capsys, tmp_path)  # a folder that is not an artifact folder
     assert code == 2 and "recipe.resolved.yaml" in err and "Traceback" not in err
+
+
+def test_plan_and_eval_report_one_flops_ratio_at_one_named_layout(capsys, tmp_path):
+    """plan and eval give the same exact prefill FLOPs ratio, at the same prompt layout, named in both."""
+    from click.testing import CliRunner
+
+    from vpexport.cli import cli
+
+    raw = yaml.safe_load((ROOT / "recipes" / "mini_vqa.yaml").read_text())
+    raw["model"]["path"] = str(ROOT / "vpexport" / "testbed" / "checkpoints" / "mini-llava")
+    if not Path(raw["model"]["path"], "config.json").is_file():
+        pytest.skip("the trained mini checkpoint is not in this checkout")
+    raw["task"]["data"] = {k: str(ROOT / "data" / "mini" / "vqa" / f"{k}.jsonl") for k in ("calib", "eval")}
+    raw["pruning"] = {"method": "divprune", "points": [{"layer": 0, "keep": 20}]}
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    p = plan_json(capsys, recipe_path)
+    r = CliRunner().invoke(cli, ["eval", str(recipe_path), "--limit", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    e = json.loads(r.output[r.output.index("{"):])
+    assert e["flops"]["ratio"] == p["flops"]["ratio"] and e["flops"]["tokens"] == p["flops"]["tokens"]
+    t = p["flops"]["tokens"]
+    text = CliRunner().invoke(cli, ["eval", str(recipe_path), "--limit", "2"]).output
+    assert f"exact prefill FLOPs ratio: {p['flops']['ratio']:.3f} (prompt {t['prefix']}+{t['visual']}+{t['text']} tokens)" in text

@@ -117,6 +117,9 @@ def prefill_flops(arch: ArchSpec, schedule: Schedule | None, layout: PromptLayou
     vision = vision_flops(arch, b)
     return {
         "batch": b,
+        # The one definition every command reports: these FLOPs at this prompt layout (the recipe's,
+        # measured with its tokenizer; the bench's at the width the graphs run the text at).
+        "tokens": {"prefix": layout.prefix, "visual": layout.visual, "text": layout.text},
         "components": {"dense": dense_c, "pruned": pruned_c},
         "scoring": scoring,
         "per_layer": per_layer,
@@ -167,3 +170,8 @@ def paper_flops(arch: ArchSpec, schedule: Schedule | None, layout: PromptLayout 
         p_all = sum(paper_layer_flops(n + extra, d, m) for n in vis)
         out["ratio_all_tokens"] = p_all / d_all
     return out
+
+
+def tokens_label(tokens: dict) -> str:
+    """How a FLOPs ratio's prompt layout is named in every output: 'prompt 9+144+7 tokens'."""
+    return f"prompt {tokens['prefix']}+{tokens['visual']}+{tokens['text']} tokens"

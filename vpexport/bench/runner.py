@@ -436,7 +436,7 @@ def run_bench(
         "versions": _versions(),
         "schedule": sched.to_dict(),
         "layout": layout.to_dict(),
-        "flops": {"dense": flops["dense"], "pruned": flops["pruned"], "ratio": flops_ratio},
+        "flops": {"dense": flops["dense"], "pruned": flops["pruned"], "ratio": flops_ratio, "tokens": flops["tokens"]},
         "kv_cache": {"dense_bytes": kv["dense_bytes"], "pruned_bytes": kv["pruned_bytes"], "ratio": round(kv["ratio"], 4)},
         "providers": {},
         "peers": {},

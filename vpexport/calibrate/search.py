@@ -498,7 +498,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
 
     def flops_of(s):
         f = prefill_flops(arch, s, layout)
-        return {"ratio": f["ratio"], "dense": f["dense"], "pruned": f["pruned"],
+        return {"ratio": f["ratio"], "dense": f["dense"], "pruned": f["pruned"], "tokens": f["tokens"],
                 "with_vision_ratio": f["with_vision"]["ratio"], "paper_ratio": paper_flops(arch, s, layout)["ratio"]}
 
     calibration = {"samples": len(calib), "unpruned_accuracy": calib_dense, "objective": cfg.objective,

@@ -78,7 +78,11 @@ def format_result(res: dict) -> str:
             r.get("peak_mb"))
     for k, why in res.get("peers_skipped", {}).items():
         lines.append(f"peer {k} skipped: {why}")
-    lines.append(f"prefill FLOPs (exact): pruned {f['pruned']:.3g}, unpruned {f['dense']:.3g}, ratio {f['ratio']:.3f}")
+    from vpexport.accounting.flops import tokens_label
+
+    basis = (f", at the timed length ({tokens_label(f['tokens'])}: the text at the graphs' width; `plan` and "
+             "`eval` give the ratio at the recipe's prompt)" if "tokens" in f else "")
+    lines.append(f"exact prefill FLOPs ratio {f['ratio']:.3f}: pruned {f['pruned']:.3g}, unpruned {f['dense']:.3g}{basis}")
     for p, r in res["providers"].items():
         lines.append(f"{p}: prefill latency ratio {r['prefill']['latency_ratio']:.3f} = "
                      f"{r['prefill']['latency_over_flops']:.3f} x the FLOPs ratio")

@@ -74,8 +74,11 @@ def _chosen(d: Path) -> str | None:
     line = f"{sched.get('method')} ({pts})"
     if cal:
         ev, fl = cal.get("eval", {}), cal.get("flops", {})
-        line += (f", calibrated: exact prefill FLOPs ratio {fl.get('ratio', float('nan')):.3f} (text of "
-                 f"task.text_tokens), eval accuracy {ev.get('accuracy', float('nan')):.4f} against "
+        from vpexport.accounting.flops import tokens_label
+
+        basis = f" ({tokens_label(fl['tokens'])})" if "tokens" in fl else ""
+        line += (f", calibrated: exact prefill FLOPs ratio {fl.get('ratio', float('nan')):.3f}{basis}, "
+                 f"eval accuracy {ev.get('accuracy', float('nan')):.4f} against "
                  f"{ev.get('unpruned_accuracy', float('nan')):.4f} unpruned ({ev.get('samples')} samples)")
     else:
         line += ", from the recipe"

@@ -42,7 +42,7 @@ def eval_cmd(recipe_path, split, limit, batch_size, out, as_json):
         **({"token_f1": res["token_f1"]} if "token_f1" in res else {}),
         "samples": res["samples"],
         "schedule": sched.to_dict(),
-        "flops": {"dense": flops["dense"], "pruned": flops["pruned"], "ratio": flops["ratio"]},
+        "flops": {"dense": flops["dense"], "pruned": flops["pruned"], "ratio": flops["ratio"], "tokens": flops["tokens"]},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if as_json:
@@ -51,4 +51,7 @@ def eval_cmd(recipe_path, split, limit, batch_size, out, as_json):
     click.echo(f"{recipe.name} [{split}] method={sched.method} points={[(p.layer, p.keep) for p in sched.points]}")
     em = f"  exact_match: {result['exact_match']:.4f}" if result["metric"] != "exact_match" else ""
     click.echo(f"  {result['metric']}: {result['accuracy']:.4f}{em}  samples: {result['samples']}")
-    click.echo(f"  prefill FLOPs ratio: {result['flops']['ratio']:.3f}  time: {result['seconds']} s")
+    from vpexport.accounting.flops import tokens_label
+
+    click.echo(f"  exact prefill FLOPs ratio: {result['flops']['ratio']:.3f} ({tokens_label(flops['tokens'])})  "
+               f"time: {result['seconds']} s")

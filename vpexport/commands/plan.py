@@ -11,6 +11,7 @@ import shlex
 import click
 
 from vpexport.accounting import decode_step_flops, kv_cache_bytes, paper_flops, prefill_flops, weight_params
+from vpexport.accounting.flops import tokens_label
 from vpexport.accounting.memory import dtype_bytes
 from vpexport.methods import METHODS
 from vpexport.recipe import load_recipe
@@ -192,7 +193,8 @@ def render(p: dict) -> str:
     dec, first = p["decode_step"]["first"], p["decode_step"]
     lines += [
         "",
-        f"{'FLOPs (prefill, batch ' + str(fl['batch']) + ')':<34}{'dense':>14}{'pruned':>14}{'ratio':>8}",
+        f"{'FLOPs (prefill, batch ' + str(fl['batch']) + ')':<34}{'dense':>14}{'pruned':>14}{'ratio':>8}"
+        f"  at the {tokens_label(fl['tokens'])} (the ratio eval and calibrate report)",
         f"{'decoder+lm_head (exact)':<34}{_flops(fl['dense']):>14}{_flops(fl['pruned']):>14}{fl['ratio']:>8.3f}",
         f"{'  of which scoring':<34}{_flops(c['dense']['scoring']):>14}{_flops(c['pruned']['scoring']):>14}",
         f"{'  of which attention (QK^T+AV)':<34}{_flops(c['dense']['attn_qk'] + c['dense']['attn_av']):>14}"
