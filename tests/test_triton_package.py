@@ -57,6 +57,10 @@ def make_artifact(d: Path, deploy: dict | None = None) -> Path:
         (rt / n).write_text(json.dumps({"batch_max": 8}))
     files = [f"onnx/{n}.onnx" for n in ("vision", "prefill", "decode")] + [f"runtime/{n}" for n in
                                                                           ("tokenizer.json", "preprocess.json", "generation.json")]
+    # as `save_resolved` writes it: absolute paths of the machine that built the artifact
+    (d / "recipe.resolved.yaml").write_text(f"name: fake\nmodel: {{path: {d.parent / 'ckpt'}, dtype: float32}}\n"
+                                            f"task: {{type: vqa, data: {{eval: {d.parent / 'data' / 'eval.jsonl'}}}}}\n")
+    files.append("recipe.resolved.yaml")
     update_manifest(d, "recipe", {"deploy": {"triton": deploy or {"enabled": True, "max_batch_size": 8, "mode": "inprocess"}}})
     sched = {"method": "fastv", "points": [{"layer": 1, "keep": 72, "rule": "last_token"}], "sink_layers": 0, "seed": 0}
     update_manifest(d, "schedule", sched)
@@ -91,6 +95,12 @@ def test_generated_repository_is_sound(repo):
         if f.suffix == ".py" and "vpexport" in f.parts:
             assert not re.search(r"^\s*(import|from)\s+(torch|transformers)\b", f.read_text(), re.M), f
     assert not list(repo.parent.glob(".repo.tmp-*"))  # temp folder renamed away
+    # No path of the build machine in the packaged recipe (it is served elsewhere): names only.
+    import yaml
+
+    packaged = yaml.safe_load((repo / "vlm/1/artifact/recipe.resolved.yaml").read_text())
+    assert not Path(packaged["model"]["path"]).is_absolute() and "/" not in packaged["model"]["path"]
+    assert str(repo.parent) not in (repo / "vlm/1/artifact/recipe.resolved.yaml").read_text()
     r = cli("package", "--check", repo)
     assert r.returncode == 0 and "ok" in r.stdout
 

@@ -90,7 +90,8 @@ def _stage_validate(ctx: Context) -> dict:
     from vpexport.validate.compare import format_report, validate_artifacts
 
     report = validate_artifacts(ctx.dir, log=ctx.log)
-    ctx.log(format_report(report))
+    # Reported under the folder the build leaves, not the staging folder it is swapped from.
+    ctx.log(format_report({**report, "artifact_dir": str(ctx.final)}))
     if not report["passed"]:
         raise ValidationFailed(
             f"{len(report.get('failures', []))} mismatches between the artifacts and PyTorch (report above)",

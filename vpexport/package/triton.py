@@ -192,6 +192,28 @@ def _write_config(folder: Path, cfg) -> None:
     (folder / "config.pbtxt").write_text(text_format.MessageToString(cfg))
 
 
+RESOLVED_RECIPE = "recipe.resolved.yaml"
+# Paths of the build machine in a resolved recipe; the packaged copy keeps only their last part.
+_MACHINE_PATHS = (("model", "path"), ("task", "data", "calib"), ("task", "data", "eval"), ("engine", "timing_cache"))
+
+
+def _portable_recipe(src: Path, dst: Path) -> None:
+    """The resolved recipe for the repository: the build machine's absolute paths (checkpoint, data,
+    timing cache) cut to their file or folder name, since the served model reads none of them."""
+    import yaml
+
+    raw = yaml.safe_load(src.read_text())
+    for keys in _MACHINE_PATHS:
+        node = raw
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            node[keys[-1]] = Path(node[keys[-1]]).name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("# The build's resolved recipe; paths of the build machine are cut to their names.\n"
+                   + yaml.safe_dump(raw, sort_keys=False))
+
+
 def _place(src: Path, dst: Path) -> None:
     """Hard link when possible (ONNX files can be GBs), else copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -319,9 +341,16 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
         skip = ("onnx/", "engines/") if d["mode"] == "bls" else ()
         files = [f for f in manifest["files"] if not f.startswith(skip)] if skip else list(manifest["files"])
         for f in files:
-            _place(art / f, a / f)
+            if f == RESOLVED_RECIPE:
+                _portable_recipe(art / f, a / f)
+            else:
+                _place(art / f, a / f)
         m = json.loads((art / "manifest.json").read_text())
         m["files"] = {k: v for k, v in m["files"].items() if k in files}
+        if RESOLVED_RECIPE in m["files"]:
+            from vpexport.manifest import sha256_file
+
+            m["files"][RESOLVED_RECIPE] = sha256_file(a / RESOLVED_RECIPE)
         if skip:
             m["graphs"] = GRAPHS_TRITON  # the table is complete without onnx/: Triton serves the graphs
         (a / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
