@@ -102,3 +102,15 @@ def test_analyze_cli_writes_folder(mini_recipe, tmp_path):
         assert (d / k).is_file(), k
     assert "stage" in (d / "analysis.md").read_text().lower()
     assert [p.name for p in out.iterdir()] == ["analysis"]  # no temp folder left behind
+
+
+def test_analyze_says_when_it_replaces_an_analysis(mini_recipe, tmp_path, capsys):
+    from tests.test_calibrate import cli
+
+    out = tmp_path / "art"
+    assert cli(["analyze", str(mini_recipe), "--out", str(out), "--samples", "4", "--batch-size", "2"]) == 0
+    assert "replacing" not in capsys.readouterr().err
+    assert cli(["analyze", str(mini_recipe), "--out", str(out), "--samples", "3", "--batch-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"[analyze] replacing {out / 'analysis'} (4 samples) with an analysis of 3" in err
+    assert json.loads((out / "analysis" / "analysis.json").read_text())["samples"] == 3

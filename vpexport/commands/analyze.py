@@ -22,8 +22,18 @@ def analyze(recipe_path, out, samples, batch_size, as_json):
     from vpexport.calibrate.search import run_analysis
     from vpexport.recipe import load_recipe
 
+    from vpexport.paths import artifact_dir
+
     t0 = time.perf_counter()
     recipe = load_recipe(recipe_path)
+    previous = artifact_dir(recipe, out) / "analysis" / "analysis.json"
+    if previous.is_file():  # say what is replaced (calibrate writes its own analysis here too)
+        try:
+            n = json.loads(previous.read_text()).get("samples")
+        except (OSError, ValueError, AttributeError):
+            n = None
+        click.echo(f"[analyze] replacing {previous.parent} ({n if n is not None else 'unreadable'} samples) with an "
+                   f"analysis of {samples}; `vpexport calibrate` writes its own again", err=True)
     a, dest = run_analysis(recipe, out, samples, batch_size)
     secs = round(time.perf_counter() - t0, 1)
     if as_json:
