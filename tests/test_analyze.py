@@ -98,8 +98,9 @@ def test_analyze_cli_writes_folder(mini_recipe, tmp_path):
     d = out / "analysis"
     a = json.loads((d / "analysis.json").read_text())
     assert a["samples"] == 4 and len(a["layers"]) == 8 and len(a["causal"]) == 8
-    for k in ("flows.png", "visual_share.png", "value_contribution.png", "concentration.png", "causal.png", "analysis.md"):
+    for k in ("flows.png", "value_contribution.png", "concentration.png", "causal.png", "analysis.md"):
         assert (d / k).is_file(), k
+    assert not (d / "visual_share.png").exists()  # its curves are flows.png's
     assert "stage" in (d / "analysis.md").read_text().lower()
     assert [p.name for p in out.iterdir()] == ["analysis"]  # no temp folder left behind
 

@@ -316,12 +316,6 @@ def plot_all(a: dict, out: Path) -> list[str]:
     ax.set_ylim(0, max(1.02, 1.05 * max(r["flows"]["visual->text"] for r in lay)))
     save(f, ax, "flows.png")
 
-    f, ax = fig("visual_share", "Share of each query group's attention that lands on visual tokens", "attention mass on visual keys")
-    for g in GROUPS:
-        ax.plot(xs, [r["visual_share"][g] for r in lay], marker="o", label=f"{g} queries")
-    ax.set_ylim(0, 1.02)
-    save(f, ax, "visual_share.png")
-
     f, ax = fig("value_contribution", "Value-contribution test: min over visual tokens of cos(o - c_j, o), last token",
                 "cos(o - c_j, o)")
     ax.plot(xs, [r["min_cos"]["mean"] for r in lay], marker="o", label="mean over samples")
@@ -329,7 +323,23 @@ def plot_all(a: dict, out: Path) -> list[str]:
                     label="range over samples")
     ax.axhline(FUSION_COS, color="tab:red", ls="--", label=f"fusion threshold {FUSION_COS}")
     ax.axhline(EXIT_COS, color="tab:green", ls=":", label=f"exit threshold {EXIT_COS}")
-    save(f, ax, "value_contribution.png")
+    # The two thresholds sit 0.004 apart at the top of the scale: a second panel over [0.98, 1]
+    # separates them and shows the layers whose mean comes near them.
+    f.set_size_inches(10.5, 4.2)
+    zoom = f.add_axes([0.70, 0.14, 0.28, 0.74])
+    ax.set_position([0.07, 0.14, 0.56, 0.74])
+    zoom.plot(xs, [r["min_cos"]["mean"] for r in lay], marker="o")
+    zoom.axhline(FUSION_COS, color="tab:red", ls="--")
+    zoom.axhline(EXIT_COS, color="tab:green", ls=":")
+    zoom.set_ylim(0.98, 1.0005)
+    zoom.set_xticks(xs)
+    zoom.set_xlabel("decoder layer")
+    zoom.set_title("the same, 0.98 to 1")
+    zoom.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=9)
+    f.savefig(out / "value_contribution.png")
+    plt.close(f)
+    files.append("value_contribution.png")
 
     f, ax = fig("large_contribution", "Visual tokens with a large value contribution to the last token", "tokens (mean)")
     ax.plot(xs, [r["large_abs"] for r in lay], marker="o", label=f"||c_j|| > {ABS_NORM} (absolute, 7B scale)")
@@ -342,8 +352,10 @@ def plot_all(a: dict, out: Path) -> list[str]:
     w = 0.4
     fu = a["per_sample"]["fusion_layer"]
     ex = a["per_sample"]["exit_layer"]
-    ax.bar(np.array(xs) - w / 2, [sum(v == l for v in fu) for l in xs], width=w, label=f"fusion layer ({sum(v is None for v in fu)} none)")
-    ax.bar(np.array(xs) + w / 2, [sum(v == l for v in ex) for l in xs], width=w, label=f"exit (drop) layer ({sum(v is None for v in ex)} none)")
+    ax.bar(np.array(xs) - w / 2, [sum(v == l for v in fu) for l in xs], width=w,
+           label=f"fusion layer ({sum(v is None for v in fu)} of {len(fu)} samples have none)")
+    ax.bar(np.array(xs) + w / 2, [sum(v == l for v in ex) for l in xs], width=w,
+           label=f"exit (drop) layer ({sum(v is None for v in ex)} of {len(ex)} samples have none: no layer passes the exit test)")
     save(f, ax, "fusion_exit.png")
 
     f, ax = fig("concentration", f"Visual tokens holding {int(CONCENTRATION * 100)}% of the attention on the image",
@@ -351,6 +363,17 @@ def plot_all(a: dict, out: Path) -> list[str]:
     ax.plot(xs, [r["tokens_90"] for r in lay], marker="o", label="text->visual (all text queries)")
     ax.plot(xs, [r["tokens_90_last"] for r in lay], marker="s", label="last token only (FastV's score)")
     ax.set_yscale("log")
+    # Plain token counts on the log axis (its default labels read 6x10^1 between the decades).
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    lo = min(min(r["tokens_90"], r["tokens_90_last"]) for r in lay)
+    hi = max(max(r["tokens_90"], r["tokens_90_last"]) for r in lay)
+    steps = (1, 2, 3, 5, 10, 15, 20, 30, 40, 50, 60, 80, 100, 120, 150, 200, 300, 400, 500, 600, 800, 1000, 1500,
+             2000, 3000, 5000, 10000)
+    ticks = [t for t in steps if lo / 1.3 <= t <= hi * 1.3]
+    ax.yaxis.set_major_locator(FixedLocator(ticks or [lo, hi]))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
     save(f, ax, "concentration.png")
 
     f, ax = fig("causal", "Causal check: text<-visual attention blocked from layer l on", "accuracy change vs dense")
