@@ -103,5 +103,10 @@ def test_summary_names_the_calibrated_schedule(tmp_path):
     (tmp_path / "schedule.json").write_text(json.dumps({
         "schedule": {"method": "visipruner", "points": [{"layer": 1, "keep": 11}, {"layer": 7, "keep": 0}]},
         "flops": {"ratio": 0.24541}, "eval": {"accuracy": 0.94333, "unpruned_accuracy": 0.95333, "samples": 300}}))
-    assert _chosen(tmp_path) == ("visipruner (1:11, 7:0), calibrated: exact prefill FLOPs ratio 0.245 (text of "
-                                 "task.text_tokens), eval accuracy 0.9433 against 0.9533 unpruned (300 samples)")
+    assert _chosen(tmp_path) == ("visipruner (1:11, 7:0), calibrated: exact prefill FLOPs ratio 0.245, "
+                                 "eval accuracy 0.9433 against 0.9533 unpruned (300 samples)")
+    s = json.loads((tmp_path / "schedule.json").read_text())
+    s["flops"]["tokens"] = {"prefix": 9, "visual": 144, "text": 7}  # the prompt layout the ratio is for
+    (tmp_path / "schedule.json").write_text(json.dumps(s))
+    assert _chosen(tmp_path) == ("visipruner (1:11, 7:0), calibrated: exact prefill FLOPs ratio 0.245 "
+                                 "(prompt 9+144+7 tokens), eval accuracy 0.9433 against 0.9533 unpruned (300 samples)")

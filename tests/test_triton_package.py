@@ -8,6 +8,7 @@ BLS component that names no model and a leftover template marker."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -151,6 +152,35 @@ def test_check_catches_missing_model_file(repo):
     assert "prefill/1: model file model.onnx is missing" in r.stderr.strip().splitlines()[0]
 
 
+def test_check_reads_the_artifact_copy_as_the_runtime_does(repo):
+    """The python model loads vlm/1/artifact through its manifest at start; a copy whose manifest the
+    runtime would refuse, or whose files differ from it, fails `package --check` instead of the server."""
+    art = repo / "vlm/1/artifact"
+    (art / "runtime/generation.json").write_text("{}")  # shorter than recorded
+    r = cli("package", "--check", repo)
+    assert r.returncode == 3, r.stderr
+    assert "vlm/1: artifact/runtime/generation.json has 2 bytes, its manifest says" in r.stderr, r.stderr
+    m = json.loads((art / "manifest.json").read_text())
+    m["files"]["recipe.resolved.yaml"] = "0" * 64  # a bare hash, not a {size, sha256} entry
+    (art / "manifest.json").write_text(json.dumps(m))
+    r = cli("package", "--check", repo)
+    assert r.returncode == 3 and "recipe.resolved.yaml" in r.stderr.strip().splitlines()[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_server_error_line_passes_over_cuda_notices():
+    """A CPU-only tritonserver logs a CUDA error at start and goes on; the error reported is the fatal one."""
+    from vpexport.package.triton_server import _log_error
+
+    log = ('I1204 11:24:16.3 4220 pinned_memory_manager.cc:277] "Pinned memory pool is not available"\n'
+           'E1204 11:24:16.361261 4220 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+           "E1204 11:24:17.1 4220 model_lifecycle.cc:654] \"failed to load 'vlm' version 1: bad manifest\"\n"
+           "I1204 11:24:17.2 4220 server.cc:305] Waiting for in-flight requests to complete.\n")
+    assert "failed to load 'vlm'" in _log_error(log)
+    assert "CudaDriverHelper" in _log_error(log.splitlines()[1])  # the only error line is still named
+    assert _log_error("") == "(empty log)"
+
+
 def test_check_catches_type_name_and_schema_errors(repo):
     c = repo / "decode" / "config.pbtxt"
     c.write_text(c.read_text().replace('name: "position_ids"\n  data_type: TYPE_INT64', 'name: "position_ids"\n  data_type: TYPE_INT32'))
@@ -225,8 +255,12 @@ def test_a_repository_is_refused_once_its_artifact_was_exported_again(tmp_path):
     assert marker["artifact"] == str(art.resolve()) and len(marker["artifact_digest"]) == 64
     assert check_repository(repo) == []
     assert (repo.stat().st_mode & 0o777) == (0o777 & ~_umask())  # not mkdtemp's 0700
-    (art / "runtime" / "preprocess.json").write_text(json.dumps({"batch_max": 8, "size": 1}))
-    update_manifest(art, None, None, files=["runtime/preprocess.json"])  # a re-export: new hashes
+    # A re-export as `export` writes it: new files renamed into place, so the repository's hard-linked
+    # copies keep the old content (an in-place edit would change them too; the check reports that apart).
+    new = art / "runtime" / "preprocess.json.new"
+    new.write_text(json.dumps({"batch_max": 8, "size": 1}))
+    os.replace(new, art / "runtime" / "preprocess.json")
+    update_manifest(art, None, None, files=["runtime/preprocess.json"])  # new hashes
     problems = check_repository(repo)
     assert len(problems) == 1 and "earlier export" in problems[0], problems
     r = cli("package", "--check", repo)

@@ -220,7 +220,7 @@ def render(p: dict) -> str:
 
 
 @click.command("plan")
-@click.argument("recipe", type=click.Path(exists=True))
+@click.argument("recipe", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size for FLOPs and KV bytes.")
 def plan(recipe: str, as_json: bool, batch: int):

@@ -350,7 +350,8 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
         if RESOLVED_RECIPE in m["files"]:
             from vpexport.manifest import sha256_file
 
-            m["files"][RESOLVED_RECIPE] = sha256_file(a / RESOLVED_RECIPE)
+            m["files"][RESOLVED_RECIPE] = {"sha256": sha256_file(a / RESOLVED_RECIPE),
+                                           "size": (a / RESOLVED_RECIPE).stat().st_size}
         if skip:
             m["graphs"] = GRAPHS_TRITON  # the table is complete without onnx/: Triton serves the graphs
         (a / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
@@ -495,6 +496,26 @@ def check_model(folder: Path, repo_models: dict) -> list[str]:
     return problems
 
 
+def _check_artifact_copy(art: Path, where: str) -> list[str]:
+    """The python model's artifact copy must read as the runtime reads it at start: a well-formed
+    manifest whose files are all there with their recorded sizes (hashes are left to the runtime,
+    which verifies them when it loads; hashing GBs here would double the packaging time)."""
+    from vpexport.manifest import read_manifest
+
+    try:
+        m = read_manifest(art, verify=False)
+    except ArtifactError as e:
+        return [f"{where}: {e}"]
+    problems = []
+    for rel, info in m["files"].items():
+        p = art / rel
+        if not p.is_file():
+            problems.append(f"{where}: {art.name}/{rel} is listed in its manifest but missing")
+        elif p.stat().st_size != info["size"]:
+            problems.append(f"{where}: {art.name}/{rel} has {p.stat().st_size} bytes, its manifest says {info['size']}")
+    return problems
+
+
 def _check_python(folder: Path, version: Path, cfg, repo_models: dict, where: str) -> list[str]:
     problems = []
     mode = _param(cfg, "mode")
@@ -513,6 +534,8 @@ def _check_python(folder: Path, version: Path, cfg, repo_models: dict, where: st
     for rel in ("manifest.json", "runtime/generation.json", "runtime/tokenizer.json", "runtime/preprocess.json"):
         if not (art / rel).is_file():
             problems.append(f"{folder.name}/{version.name}: {rel} is missing from {art.name}/")
+    if (art / "manifest.json").is_file():
+        problems += _check_artifact_copy(art, f"{folder.name}/{version.name}")
     if not (version / "vpexport" / "runtime" / "generate.py").is_file():
         problems.append(f"{folder.name}/{version.name}: the runtime package copy (vpexport/runtime) is missing")
     if mode == "inprocess":

@@ -246,12 +246,20 @@ def wait_ready(handle: ServerHandle, models=("vlm",), timeout: float = 120.0) ->
     raise RuntimeUnavailable(f"tritonserver not ready after {timeout:.0f} s: {tail}", field="triton")
 
 
+# Error lines tritonserver prints on a machine without a GPU driver, before it goes on normally.
+_BENIGN_ERRORS = ("CudaDriverHelper has not been initialized",)
+
+
 def _log_error(log: str) -> str:
-    """The server's own error line (e.g. a model that failed to load), else the log's last line."""
+    """The server's own error line (e.g. a model that failed to load), else the log's last line.
+
+    A CPU-only server logs CUDA errors at start that stop nothing; they are passed over so that the
+    line returned is the one that made the server exit."""
     lines = [ln.strip() for ln in log.strip().splitlines() if ln.strip()]
-    for ln in lines:
-        if ln.startswith("error:") or ln.startswith("E"):
-            return ln[:400]
+    errors = [ln for ln in lines if ln.startswith("error:") or ln.startswith("E")]
+    fatal = [ln for ln in errors if not any(b in ln for b in _BENIGN_ERRORS)]
+    for ln in fatal or errors:
+        return ln[:400]
     return lines[-1][:400] if lines else "(empty log)"
 
 
