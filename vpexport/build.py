@@ -61,7 +61,12 @@ def _hash(*parts) -> str:
 
 
 def _section(recipe, name: str):
-    return recipe.resolved().get(name)
+    sec = recipe.resolved().get(name)
+    if name == "model" and isinstance(sec, dict):
+        # Where PyTorch ran does not change what a stage makes (export traces on the CPU; validation
+        # holds every device to the same tolerances), so a change of device reuses finished stages.
+        sec = {k: v for k, v in sec.items() if k != "device"}
+    return sec
 
 
 # ----------------------------------------------------------------------------- stages
@@ -194,7 +199,9 @@ def build(recipe, out: str | Path | None = None, force: bool = False, log=print)
     t_start = time.perf_counter()
     ensure_model(recipe, log)
     if recipe.model.synth is not None:
+        device = recipe.model.device  # a --device override survives the reload
         recipe = load_recipe(recipe.source)  # now fully checkable
+        recipe.model.device = device
     _check_data(recipe)
     final = artifact_dir(recipe, out)
     with artifact_lock(final, "build") as lock:

@@ -61,3 +61,14 @@ def weight_params(arch: ArchSpec) -> dict[str, int]:
 
 def weight_bytes(arch: ArchSpec, dtype: str = "float16") -> int:
     return weight_params(arch)["total"] * dtype_bytes(dtype)
+
+
+def prefill_transient_bytes(arch: ArchSpec, layout: PromptLayout, dtype: str = "float32") -> int:
+    """Peak temporary bytes of one sample's unpruned PyTorch prefill (the widest layer's working
+    set), for sizing a batch to a device's memory: attention scores (f32, the scoring rules read
+    them, plus their softmax), the MLP's gate / up / product, and a few hidden-state copies."""
+    t, seq, b = arch.text, layout.total, dtype_bytes(dtype)
+    scores = 2 * t.heads * seq * seq * 4
+    mlp = 3 * seq * t.intermediate * b
+    hidden = 8 * seq * t.hidden * b
+    return scores + mlp + hidden

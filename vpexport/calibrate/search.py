@@ -381,13 +381,36 @@ def check_images(samples, field: str) -> None:
         smp.load_image(field)
 
 
-def _pipeline(recipe):
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _pipeline(recipe, log=_stderr):
     from vpexport.model.pipeline import TorchPipeline
 
-    return TorchPipeline.from_recipe(recipe, Schedule("none"))
+    return TorchPipeline.from_recipe(recipe, Schedule("none"), log=log)
 
 
-def run_analysis(recipe, out, samples: int, batch_size: int = 32):
+def pass_batch(pipe, recipe, requested: int | None, log=_stderr) -> int:
+    """The batch of the PyTorch passes on the pipeline's device (`vpexport.model.device.batch_size`:
+    `requested`, else 32 on the CPU, else sized to the GPU's free memory); a GPU's choice is logged."""
+    from vpexport.accounting.memory import prefill_transient_bytes
+    from vpexport.model.device import CPU_BATCH, batch_size
+
+    dev = pipe.device_info
+    if dev is None or not dev.is_cuda:
+        return requested or CPU_BATCH
+    arch = recipe.resolve_arch()
+    per = prefill_transient_bytes(arch, recipe.layout(arch), recipe.model.dtype)
+    b = batch_size(dev, requested, per)
+    if requested is None:
+        log(f"[torch] batch {b} on {dev.torch} (~{per / 2**20:.0f} MiB per sample in a pass, half the free memory)")
+    return b
+
+
+def run_analysis(recipe, out, samples: int, batch_size: int | None = None):
     """`vpexport analyze`: returns (analysis dict, destination folder)."""
     from vpexport.calibrate.analyze import analyze_runner, write_analysis
     from vpexport.calibrate.runner import Runner
@@ -399,11 +422,13 @@ def run_analysis(recipe, out, samples: int, batch_size: int = 32):
     data = load_samples(recipe.require_data("calib"), samples, field="task.data.calib")
     check_images(data, "task.data.calib")
     pipe = _pipeline(recipe)
+    batch_size = pass_batch(pipe, recipe, batch_size)
     with progress(total=len(data), desc="encode", unit="sample") as bar:
         runner = Runner(pipe, data, recipe.task.type, batch_size, progress=bar)
     with progress(total=len(runner.batches) + runner.L, desc="analyze", unit="step") as bar:
         a = analyze_runner(runner, bar, tolerance=causal_tolerance(recipe))
     a["recipe"] = recipe.name
+    a["device"] = pipe.device_record
     return a, write_analysis(a, artifact_dir(recipe, out) / "analysis", recipe.name)
 
 
@@ -442,7 +467,8 @@ def sign_test(hi: int, lo: int) -> float:
     return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
 
 
-def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, analysis_samples: int | None = None) -> dict:
+def calibrate(recipe, out=None, batch_size: int | None = None, progress: bool = True,
+              analysis_samples: int | None = None) -> dict:
     """Search on calib, measure on eval, write schedule.json (or schedule.rejected.json + CalibrationFailed)."""
     from vpexport.progress import progress as progress_bar
 
@@ -471,6 +497,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     eval_path = recipe.require_data("eval")
     check_images(calib, "task.data.calib")
     pipe = _pipeline(recipe)
+    batch_size = pass_batch(pipe, recipe, batch_size)
     task = recipe.task.type
     dest = artifact_dir(recipe, out)
     dest.mkdir(parents=True, exist_ok=True)
@@ -504,6 +531,7 @@ def calibrate(recipe, out=None, batch_size: int = 32, progress: bool = True, ana
     calibration = {"samples": len(calib), "unpruned_accuracy": calib_dense, "objective": cfg.objective,
                    "tolerance": cfg.tolerance, "flops_budget": cfg.flops_budget, "compare": cfg.compare,
                    "seed": cfg.seed, "methods": methods, "candidates_tried": len(search.tried),
+                   "torch": {**pipe.device_record, "dtype": recipe.model.dtype, "batch_size": batch_size},
                    "seconds": {"analysis": round(t_an, 1), "search": round(t_s, 1)}, "seeds": analysis["seeds"]}
     failure = _failure(search, best, cfg, methods)
     if failure is not None:

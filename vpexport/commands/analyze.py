@@ -7,15 +7,18 @@ import time
 
 import click
 
+from vpexport.commands.options import apply_device, batch_size_option, device_option
+
 
 @click.command("analyze")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path())
 @click.option("--out", type=click.Path(), default=None, help="Artifact folder (default artifacts/<recipe name>).")
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Calibration samples to analyse (the first N of task.data.calib).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@batch_size_option
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def analyze(recipe_path, out, samples, batch_size, as_json):
+def analyze(recipe_path, out, samples, batch_size, device, as_json):
     """Attention flows, value contributions, concentration and a causal check, per decoder layer.
 
     Writes <artifact dir>/analysis/{analysis.json, analysis.md, *.png}."""
@@ -25,7 +28,7 @@ def analyze(recipe_path, out, samples, batch_size, as_json):
     from vpexport.paths import artifact_dir
 
     t0 = time.perf_counter()
-    recipe = load_recipe(recipe_path)
+    recipe = apply_device(load_recipe(recipe_path), device)
     previous = artifact_dir(recipe, out) / "analysis" / "analysis.json"
     if previous.is_file():  # say what is replaced (calibrate writes its own analysis here too)
         try:
@@ -37,7 +40,7 @@ def analyze(recipe_path, out, samples, batch_size, as_json):
     a, dest = run_analysis(recipe, out, samples, batch_size)
     secs = round(time.perf_counter() - t0, 1)
     if as_json:
-        click.echo(json.dumps({"dir": str(dest), "seconds": secs, "samples": a["samples"], "stages": a["stages"],
+        click.echo(json.dumps({"dir": str(dest), "seconds": secs, "device": a["device"], "samples": a["samples"], "stages": a["stages"],
                                "seeds": a["seeds"], "causal": a["causal"]}, indent=2))
         return
     click.echo(f"{recipe.name}: analysed {a['samples']} samples in {secs} s -> {dest}")

@@ -1,4 +1,5 @@
-"""`vpexport bench ARTIFACT_DIR`: pruned vs unpruned on each provider, and the peers, in one run."""
+"""`vpexport bench ARTIFACT_DIR`: pruned vs unpruned on each provider, and the peers, in one run.
+`vpexport bench RECIPE`: the pruned PyTorch model vs the unpruned one on --device."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 import click
 
 from vpexport.bench.runner import PEERS
+from vpexport.commands.options import device_option
 from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICES
 
 
 @click.command()
-@click.argument("artifact_dir", type=click.Path())
+@click.argument("artifact_dir", metavar="ARTIFACT_DIR|RECIPE", type=click.Path())
 @click.option("--provider", "providers", multiple=True, type=click.Choice(PROVIDER_NAMES),
               help="Runtime of the artifacts; repeat to compare several (default: cpu).")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
@@ -29,10 +31,24 @@ from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICE
 @click.option("--no-memory", is_flag=True, help="Skip the per-variant peak-memory subprocesses.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @click.option("--save", type=click.Path(), default=None, help="Also write the JSON result to this file.")
+@device_option
 def bench(artifact_dir, providers, precision, peers, cdpruner_keep, reps, decode_steps, threads, batch, no_hf, no_memory,
-          as_json, save):
+          as_json, save, device):
     """Time ARTIFACT_DIR against the same model exported without pruning (same runtime, same
-    threads), and against the peers, interleaved in one run."""
+    threads), and against the peers, interleaved in one run.
+
+    Given a RECIPE file instead, time the pruned PyTorch model (vision + prefill) against the
+    unpruned one on --device (default: the recipe's model.device), e.g. on a GPU where the
+    artifacts' runtimes are not installed."""
+    from pathlib import Path
+
+    if Path(artifact_dir).is_file():
+        return _bench_recipe(artifact_dir, providers, peers, reps, threads, batch, as_json, save, device)
+    if device is not None:
+        from vpexport.errors import UserInputError
+
+        raise UserInputError("--device places the PyTorch model of `bench RECIPE`; an artifact folder runs on "
+                             "--provider", field="--device", fix="drop --device, or pass the recipe file")
     from vpexport.bench.runner import run_bench
 
     peers = list(peers) if peers else ["hf-pytorch"]
@@ -53,6 +69,35 @@ def bench(artifact_dir, providers, precision, peers, cdpruner_keep, reps, decode
         return
     click.echo(format_result(res))
     click.echo(f"next: vpexport bench {artifact_dir} --json --save bench.json")
+
+
+def _bench_recipe(path, providers, peers, reps, threads, batch, as_json, save, device):
+    from vpexport.bench.torch_bench import format_torch_result, run_torch_bench
+    from vpexport.commands.options import apply_device
+    from vpexport.errors import UserInputError
+    from vpexport.recipe import load_recipe
+
+    if providers or peers:
+        raise UserInputError("--provider and --peer time artifact folders; a recipe times its PyTorch model",
+                             field="--provider" if providers else "--peer",
+                             fix="drop them, or pass the artifact folder from `vpexport build`")
+    recipe = apply_device(load_recipe(path), device)
+    log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    if recipe.model.synth is not None:
+        from vpexport.build import ensure_model
+
+        ensure_model(recipe, log)  # a stand-in recipe creates its random-weight model when missing
+        recipe = apply_device(load_recipe(path), recipe.model.device)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    res = run_torch_bench(recipe, reps=reps, batch=batch, log=log)
+    if save:
+        from pathlib import Path
+
+        Path(save).write_text(json.dumps(res, indent=2))
+    click.echo(json.dumps(res, indent=2) if as_json else format_torch_result(res))
 
 
 def format_result(res: dict) -> str:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from vpexport.commands.options import apply_device, device_option
+
 
 def _size(n: int) -> str:
     for unit, s in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
@@ -19,13 +21,14 @@ def _size(n: int) -> str:
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path())
 @click.option("--out", type=click.Path(), default=None, help="Artifact folder (default: artifacts/<recipe name>).")
 @click.option("--force", is_flag=True, help="Re-run every stage even when its inputs are unchanged.")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
-def build(recipe_path, out, force, as_json):
+def build(recipe_path, out, force, device, as_json):
     """Run the whole pipeline for RECIPE into artifacts/<name>/ (resumable, written atomically)."""
     from vpexport.build import build as run_build
     from vpexport.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path)
+    recipe = apply_device(load_recipe(recipe_path), device)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     res = run_build(recipe, out, force=force, log=log)
     if as_json:

@@ -6,13 +6,16 @@ import json
 
 import click
 
+from vpexport.commands.options import apply_device, batch_size_option, device_option
+
 
 @click.command("calibrate")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path())
 @click.option("--out", type=click.Path(), default=None, help="Artifact folder (default artifacts/<recipe name>).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@batch_size_option
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def calibrate(recipe_path, out, batch_size, as_json):
+def calibrate(recipe_path, out, batch_size, device, as_json):
     """Lowest-FLOPs schedule within the recipe's accuracy tolerance, or with pruning.calibrate.flops_budget
     the most accurate schedule within that FLOPs ratio (method auto: {methods}).
 
@@ -25,7 +28,7 @@ def calibrate(recipe_path, out, batch_size, as_json):
     from vpexport.artifact_lock import artifact_lock
     from vpexport.paths import artifact_dir
 
-    recipe = load_recipe(recipe_path)
+    recipe = apply_device(load_recipe(recipe_path), device)
     with artifact_lock(artifact_dir(recipe, out), "calibrate"):
         r = run(recipe, out, batch_size, progress=True)
     if as_json:

@@ -7,6 +7,8 @@ import json
 
 import click
 
+from vpexport.commands.options import apply_device, device_option
+
 from vpexport.errors import UserInputError
 from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICES
 
@@ -26,7 +28,8 @@ from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICE
 )
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
               help="Inference precision for --provider openvino (auto: the fastest this CPU runs natively).")
-def run(target, images, prompts, max_new_tokens, as_json, provider, precision):
+@device_option
+def run(target, images, prompts, max_new_tokens, as_json, provider, precision, device):
     """Answer each --prompt about its --image.
 
     TARGET is a recipe (the pruned PyTorch model, with the recipe's calibrated schedule when one is
@@ -44,9 +47,12 @@ def run(target, images, prompts, max_new_tokens, as_json, provider, precision):
     from pathlib import Path
 
     if Path(target).is_dir() and (Path(target) / "manifest.json").is_file():
+        if device is not None:
+            raise UserInputError("--device places the PyTorch model; an artifact folder runs on --provider",
+                                 field="--device", fix="drop --device, or pass the recipe instead of the artifact folder")
         answers = _run_artifacts(target, list(images), prompts, max_new_tokens, provider, precision)
     else:
-        answers = _run_recipe(target, list(images), prompts, max_new_tokens)
+        answers = _run_recipe(target, list(images), prompts, max_new_tokens, device)
     if as_json:
         click.echo(json.dumps({"answers": answers}, indent=2))
     else:
@@ -54,21 +60,21 @@ def run(target, images, prompts, max_new_tokens, as_json, provider, precision):
             click.echo(a["text"])
 
 
-def _run_recipe(path, images, prompts, max_new_tokens):
+def _run_recipe(path, images, prompts, max_new_tokens, device=None):
     from vpexport.model.pipeline import TorchPipeline
     from vpexport.paths import resolve_schedule
     from vpexport.recipe import load_recipe
     from vpexport.runtime.preprocess import load_image
     from vpexport.runtime.text_length import check_text_fits
 
-    recipe = load_recipe(path)
+    recipe = apply_device(load_recipe(path), device)
     if len(images) > recipe.export.batch.max:
         raise UserInputError(f"{len(images)} images in one call, more than export.batch.max ({recipe.export.batch.max})",
                              field="--image", fix=f"give at most {recipe.export.batch.max} images per call, or raise "
                              f"export.batch.max in {path}")
     pics = [load_image(p) for p in images]  # fail on a bad image before loading weights
     arch = recipe.resolve_arch()
-    pipe = TorchPipeline.from_recipe(recipe, resolve_schedule(recipe, arch))
+    pipe = TorchPipeline.from_recipe(recipe, resolve_schedule(recipe, arch), log=lambda m: click.echo(m, err=True))
     if max_new_tokens:
         pipe.max_new_tokens = max_new_tokens
     # The PyTorch path answers what the exported graphs would answer, so it takes only what they

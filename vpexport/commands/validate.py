@@ -6,6 +6,8 @@ import json
 
 import click
 
+from vpexport.commands.options import device_option
+
 from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICES
 
 
@@ -16,8 +18,9 @@ from vpexport.runtime.providers import NAMES as PROVIDER_NAMES, PRECISION_CHOICE
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
               help="Inference precision for --provider openvino; below the export's precision the recipe's "
                    "validate.reduced_precision thresholds apply.")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def validate(artifact_dir, samples, provider, precision, as_json):
+def validate(artifact_dir, samples, provider, precision, device, as_json):
     """Compare every ONNX output, kept index and greedy generation with the PyTorch model."""
     from vpexport.errors import UserInputError, ValidationFailed
     from vpexport.validate import format_report, validate_artifacts
@@ -28,7 +31,8 @@ def validate(artifact_dir, samples, provider, precision, as_json):
     from vpexport.artifact_lock import artifact_lock
 
     with artifact_lock(artifact_dir, "validate", create=False):
-        report = validate_artifacts(artifact_dir, samples=samples, provider=provider, log=log, precision=precision)
+        report = validate_artifacts(artifact_dir, samples=samples, provider=provider, log=log, precision=precision,
+                                    device=device)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
         first = report["failures"][0]

@@ -253,7 +253,7 @@ class Qwen2VLFamily(ModelFamily):
         vc = model.config.vision_config
         b, _, h, w = pixel_values.shape
         flat = hf_pixel_values(pixel_values, vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)
-        grid = torch.tensor([[1, h // vc.patch_size, w // vc.patch_size]] * b)
+        grid = torch.tensor([[1, h // vc.patch_size, w // vc.patch_size]] * b, device=pixel_values.device)
         feats = model.model.get_image_features(pixel_values=flat, image_grid_thw=grid)
         return flat_features(feats)
 

@@ -11,13 +11,27 @@ from vpexport.errors import UserInputError
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
-def load_model(path: str | Path, dtype: str = "float32", image_size=None):
+def load_model(path: str | Path, dtype: str = "float32", image_size=None, device=None, log=None):
     """(model, processor) from a local save_pretrained folder, by the family its config.json names
     (vpexport/families); the model in eval mode with SDPA attention (never flash/flex: see
-    research.md). `image_size` (H, W): the static size of a dynamic-resolution family."""
+    research.md). `image_size` (H, W): the static size of a dynamic-resolution family. `device`: a
+    resolved `vpexport.model.device.Device` to move the model to (default: the CPU); `log` gets
+    one line naming it."""
     from vpexport.families import load_checkpoint
+    from vpexport.model.device import prepare
 
-    return load_checkpoint(path, DTYPES[dtype], image_size)[1:]
+    _, model, processor = load_checkpoint(path, DTYPES[dtype], image_size)
+    if device is not None:
+        prepare(device, DTYPES[dtype])
+        model = model.to(device.torch)
+        if log is not None:
+            log(f"[torch] {Path(path).name} in {dtype} on {device.describe()}")
+    return model, processor
+
+
+def model_device(model):
+    """The torch.device a loaded model's weights are on."""
+    return next(model.parameters()).device
 
 
 def render_prompt(template: str, question: str) -> str:

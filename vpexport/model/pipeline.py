@@ -28,7 +28,10 @@ class TorchPipeline:
         from vpexport.model.loading import encode, prefix_length
         from vpexport.model.pruned import PrunedModel
 
+        from vpexport.model.loading import model_device
+
         self.model, self.processor, self.template = model, processor, template
+        self.device = model_device(model)
         self.max_new_tokens = max_new_tokens
         self.family = family_for_model(model)
         self.image_size = self.family.image_size(model.config.to_dict(), image_size)
@@ -38,10 +41,13 @@ class TorchPipeline:
         self.prefix = prefix_length(ids, int(model.config.image_token_id))
         self.pruned = PrunedModel(model, schedule, prefix=self.prefix, image_size=self.image_size)
         self.schedule = schedule
+        self.device_info = None  # the resolved Device, when built by from_recipe
         self._torch = torch
 
     @classmethod
-    def from_recipe(cls, recipe, schedule: Schedule | None = None) -> "TorchPipeline":
+    def from_recipe(cls, recipe, schedule: Schedule | None = None, log=None) -> "TorchPipeline":
+        """The recipe's checkpoint in model.dtype on model.device (`log` gets the device line)."""
+        from vpexport.model.device import resolve
         from vpexport.model.loading import load_model
 
         if recipe.model.path is None:
@@ -52,22 +58,33 @@ class TorchPipeline:
                 field="model.path",
                 fix="give a local checkpoint directory (or use `vpexport testbed synth` for a random-weight stand-in)",
             )
-        model, processor = load_model(recipe.model_dir, recipe.model.dtype, recipe.model.image_size)
+        device = resolve(recipe.model.device)
+        model, processor = load_model(recipe.model_dir, recipe.model.dtype, recipe.model.image_size, device, log)
         if schedule is None:
             schedule = recipe.schedule() or Schedule("none")
-        return cls(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens, recipe.model.image_size)
+        pipe = cls(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens, recipe.model.image_size)
+        pipe.device_info = device
+        return pipe
 
     def with_schedule(self, schedule: Schedule) -> "TorchPipeline":
-        return TorchPipeline(self.model, self.processor, self.template, schedule, self.max_new_tokens, self.image_size)
+        pipe = TorchPipeline(self.model, self.processor, self.template, schedule, self.max_new_tokens, self.image_size)
+        pipe.device_info = self.device_info
+        return pipe
+
+    @property
+    def device_record(self) -> dict:
+        """{device, asked, name} for the records the commands write."""
+        return self.device_info.record() if self.device_info is not None else {"device": str(self.device)}
 
     @property
     def eos_token_id(self) -> int | None:
         return self.processor.tokenizer.eos_token_id
 
     def encode(self, images, questions):
+        """input_ids, attention_mask, pixel_values on the model's device."""
         from vpexport.model.loading import encode
 
-        return encode(self.processor, self.template, questions, images)
+        return tuple(t.to(self.device) for t in encode(self.processor, self.template, questions, images))
 
     def longest_text(self, images, questions) -> int:
         """Tokens after the image in the longest of these prompts (what export.text_length bounds)."""

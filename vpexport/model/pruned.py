@@ -169,6 +169,8 @@ class PrunedModel(nn.Module):
             if RULES[p.rule].kind == "fixed":
                 n_in = self.visual_per_layer[p.layer - 1] if p.layer else self.visual_tokens
                 self._fixed_idx[p.layer] = RULES[p.rule].fixed_indices(n_in, p.keep, schedule.seed + p.layer)
+        # The position buffers follow the wrapped model's weights (a model loaded on a GPU).
+        self.to(next(hf_model.parameters()).device)
 
     # ------------------------------------------------------------------ vision
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -538,16 +540,17 @@ class PrunedModel(nn.Module):
         done = [False] * b
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1)
+            picked = nxt.tolist()  # one device-to-host copy per step
             for j in range(b):
                 if not done[j]:
-                    t = int(nxt[j])
+                    t = picked[j]
                     if eos_token_id is not None and t == eos_token_id:
                         done[j] = True
                     else:
                         tokens[j].append(t)
             if all(done) or step == max_new_tokens - 1:
                 break
-            text_mask = torch.cat([text_mask, torch.ones(b, 1, dtype=text_mask.dtype)], dim=1)
+            text_mask = torch.cat([text_mask, torch.ones(b, 1, dtype=text_mask.dtype, device=text_mask.device)], dim=1)
             logits, kv = self.decode(nxt[:, None], next_pos, text_mask, kv)
             next_pos = next_pos + 1
         return tokens

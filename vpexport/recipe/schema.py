@@ -50,6 +50,9 @@ class ModelSection(Strict):
     path: str | None = None  # local save_pretrained directory (relative to the recipe's folder unless absolute)
     arch: str | None = None  # built-in architecture (weight-free planning only)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Where the PyTorch side runs (calibrate, eval, analyze, validate's reference, run RECIPE):
+    # auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:N. Export always traces on the CPU.
+    device: str = "auto"
     # [H, W] pixels the graphs are built for: required by dynamic-resolution families (Qwen2-VL),
     # fixed by the vision tower for LLaVA (checked against it when given).
     image_size: list[int] | None = None
@@ -67,6 +70,12 @@ class ModelSection(Strict):
                                fix="give two positive pixel counts, e.g. [448, 448]")
         if self.path is not None and not self.path.strip():
             raise recipe_error("is empty", sub="path", fix="give a save_pretrained directory")
+        from vpexport.model.device import DEVICE_PATTERN
+
+        if not DEVICE_PATTERN.match(self.device.strip().lower()):
+            raise recipe_error(f"{self.device!r} is not a device", sub="device",
+                               fix="use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
+        self.device = self.device.strip().lower()
         if self.synth is not None and self.path is None:
             raise recipe_error("synth needs a path to create the stand-in at", sub="synth",
                                fix="set model.path to where the stand-in should live")

@@ -117,12 +117,18 @@ def eval_cmd(ckpt, jsonl, limit, drop_keep, drop_layer):
 @click.option("--image-size", default=None, help="HxW pixels the Qwen stand-in's recipes use (default 448x448).")
 @click.option("--dtype", default="fp16", show_default=True, help="fp32, fp16 or bf16.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def synth_cmd(arch, out, layers, hidden, vision_layers, image_size, dtype, seed):
+@click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda|cuda:N",
+              help="Where the random weights are drawn (a GPU draws a 7B model in seconds; its random "
+                   "stream differs from the CPU's, so the weights differ for the same seed).")
+def synth_cmd(arch, out, layers, hidden, vision_layers, image_size, dtype, seed, device):
     """Random-weight stand-in of a built-in architecture (exact unless reduced). No quality figure
     comes from it."""
     from vpexport.testbed.synth import synth_config
 
     synth_config(arch, layers, hidden, vision_layers)  # validate before importing torch
+    from vpexport.model.device import check_spelling
+
+    device = check_spelling(device, "--device")
     size = None
     if image_size is not None:
         parts = image_size.lower().split("x")
@@ -133,5 +139,5 @@ def synth_cmd(arch, out, layers, hidden, vision_layers, image_size, dtype, seed)
     from vpexport.testbed.synth import synth
 
     meta = synth(arch, out, layers=layers, hidden=hidden, vision_layers=vision_layers, dtype=dtype, seed=seed,
-                 image_size=size)
+                 image_size=size, device=device)
     click.echo(f"saved {out} ({meta['parameters']:,} parameters, random weights: no quality figure comes from it)")

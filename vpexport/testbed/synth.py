@@ -89,10 +89,11 @@ def synth_tokenizer(image_token_index: int):
 
 
 def synth(arch: str, out: str | Path, layers=None, hidden=None, vision_layers=None, dtype: str = "fp16",
-          seed: int = 0, image_size=None) -> dict:
+          seed: int = 0, image_size=None, device: str = "cpu") -> dict:
     """Write a random-weight stand-in of built-in `arch` to `out` (save_pretrained layout, with its
     tokenizer and image-processor files); `image_size` (H, W): the visual-token count recorded for a
-    dynamic-resolution family (default: the built-in's)."""
+    dynamic-resolution family (default: the built-in's). `device`: where the weights are drawn
+    (`vpexport.model.device` spelling; the same seed gives other weights on a GPU)."""
     import torch
 
     from vpexport.families import BUILTIN_ARCHS
@@ -103,14 +104,18 @@ def synth(arch: str, out: str | Path, layers=None, hidden=None, vision_layers=No
     raw = synth_config(arch, layers, hidden, vision_layers)
     builtin = BUILTIN_ARCHS[arch]
     tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    from vpexport.model.device import resolve
+
+    where = resolve(device, "--device")
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(tdt)  # build directly in the target dtype (a 7B model in fp32 needs 28 GB)
     try:
-        if builtin.family == "llava":
-            model, saved, template, tokens, what = _llava_standin(raw)
-        else:
-            model, saved, template, tokens, what = _qwen_standin(raw, builtin, image_size)
+        with torch.device(where.torch):
+            if builtin.family == "llava":
+                model, saved, template, tokens, what = _llava_standin(raw)
+            else:
+                model, saved, template, tokens, what = _qwen_standin(raw, builtin, image_size)
     finally:
         torch.set_default_dtype(prev)
     out = Path(out)
@@ -128,6 +133,7 @@ def synth(arch: str, out: str | Path, layers=None, hidden=None, vision_layers=No
         "visual_tokens": tokens,
         "dtype": dtype,
         "seed": seed,
+        "device": where.torch,
         "overrides": {"layers": layers, "hidden": hidden, "vision_layers": vision_layers},
         "parameters": n_params,
     }

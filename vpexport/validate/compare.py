@@ -99,8 +99,10 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def validate_artifacts(
     artifact_dir, samples: int | None = None, provider: str = "cpu", batch_size: int | None = None, log=None,
-    precision: str = "auto",
+    precision: str = "auto", device: str | None = None,
 ) -> dict:
+    """Every output, kept index and generation of the artifacts on `provider` against the PyTorch
+    model (in the export's precision, on `device` or the recipe's model.device)."""
     import torch
 
     from vpexport.runtime.providers import check_precision
@@ -130,8 +132,12 @@ def validate_artifacts(
     n_req = samples or recipe.validation.samples
     data = load_samples(recipe.require_data("eval"), n_req, field="task.data.eval")
 
-    say(f"[validate] loading PyTorch model ({precision}) and the artifacts ({provider})")
-    model, processor = load_model(recipe.model_dir, {"fp32": "float32", "fp16": "float16"}[precision], recipe.model.image_size)
+    from vpexport.model.device import resolve
+
+    torch_device = resolve(device or recipe.model.device, "--device" if device else "model.device")
+    say(f"[validate] loading PyTorch model ({precision}, {torch_device.describe()}) and the artifacts ({provider})")
+    model, processor = load_model(recipe.model_dir, {"fp32": "float32", "fp16": "float16"}[precision],
+                                  recipe.model.image_size, torch_device)
     pipe = TorchPipeline(model, processor, recipe.task.prompt, schedule, recipe.task.max_new_tokens,
                          recipe.model.image_size)
     pm = pipe.pruned
@@ -168,18 +174,19 @@ def validate_artifacts(
         ids, mask, px = rt.encode(images, questions)
         tids, tmask, tpx = pipe.encode(images, questions)
         w = tids.shape[1]
-        same = ids.shape[1] >= w and np.array_equal(ids[:, :w], tids.numpy()) and np.array_equal(mask[:, :w], tmask.numpy())
+        same = ids.shape[1] >= w and np.array_equal(ids[:, :w], tids.cpu().numpy()) and np.array_equal(mask[:, :w], tmask.cpu().numpy())
         same = same and not mask[:, w:].any()
         input_ids_equal = input_ids_equal and bool(same)
-        pixel_err = max(pixel_err, float(np.abs(px - tpx.numpy()).max()))
-        stat("preprocess.pixel_values").add(px, tpx.numpy())
+        pixel_err = max(pixel_err, float(np.abs(px - tpx.cpu().numpy()).max()))
+        stat("preprocess.pixel_values").add(px, tpx.cpu().numpy())
         # ---- per graph, same inputs
-        tid, tm, tp = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(px)
+        dev = pipe.device
+        tid, tm, tp = (torch.from_numpy(x).to(dev) for x in (ids, mask, px))
         with torch.inference_mode():
             feats = pm.encode_image(tp)
             ref = pm.prefill(tid, tm, feats)
-        stat("vision.image_features").add(rt.encode_image(px), feats.numpy())
-        po = rt.prefill(ids, mask, feats.numpy())
+        stat("vision.image_features").add(rt.encode_image(px), feats.cpu().numpy())
+        po = rt.prefill(ids, mask, feats.cpu().numpy())
         ref_kept = kept_tensors(schedule, ref.kept)
         # At reduced precision a sample whose kept indices differ has other tokens in its caches from
         # there on: its caches and logits are not comparable element by element (they count as
@@ -188,17 +195,17 @@ def validate_artifacts(
         same_rows = np.ones(len(chunk), dtype=bool)
         for a, b_ in zip(po.kept, ref_kept):
             if a.shape == tuple(b_.shape):
-                same_rows &= ~(a != b_.numpy()).any(-1)
+                same_rows &= ~(a != b_.cpu().numpy()).any(-1)
         rows = same_rows if reduced and not same_rows.all() else None
-        stat("prefill.logits").add(po.logits, ref.logits.numpy(), rows=rows)
+        stat("prefill.logits").add(po.logits, ref.logits.cpu().numpy(), rows=rows)
         for i in range(L):
             for j, w_ in enumerate(("key", "value")):
-                stat(f"prefill.present.{i}.{w_}").add(po.kv[i][j], ref.kv[i][j].numpy(), rows=rows)
+                stat(f"prefill.present.{i}.{w_}").add(po.kv[i][j], ref.kv[i][j].cpu().numpy(), rows=rows)
         for j, (a, b) in enumerate(zip(po.kept, ref_kept)):
             same_shape = a.shape == tuple(b.shape)
-            rows = int((a != b.numpy()).any(-1).sum()) if same_shape else len(chunk)
+            rows = int((a != b.cpu().numpy()).any(-1).sum()) if same_shape else len(chunk)
             kept_bad[f"kept.{j}"] = kept_bad.get(f"kept.{j}", 0) + rows
-            agree = _agreement(a, b.numpy()) if same_shape else np.zeros(len(chunk))
+            agree = _agreement(a, b.cpu().numpy()) if same_shape else np.zeros(len(chunk))
             kept_agree.setdefault(f"kept.{j}", []).extend(agree.tolist())
         if len(po.kept) != len(ref_kept):
             kept_bad["count"] = abs(len(po.kept) - len(ref_kept))
@@ -207,17 +214,17 @@ def validate_artifacts(
         b = ids.shape[0]
         nxt = ref.logits.argmax(-1)[:, None]
         pos = (pm.text_pos0 + ref.text_len)[:, None]
-        text_mask = torch.cat([tm[:, p + n :], torch.ones(b, 1, dtype=tm.dtype)], dim=1)
+        text_mask = torch.cat([tm[:, p + n :], torch.ones(b, 1, dtype=tm.dtype, device=dev)], dim=1)
         with torch.inference_mode():
             dl, dkv = pm.decode(nxt, pos, text_mask, ref.kv)
         from vpexport.runtime.kv_cache import KVCache
 
-        cache = KVCache([[k.numpy(), v.numpy()] for k, v in ref.kv], mask[:, p + n :], steps=1, dtype=rt.kv_dtype)
-        ol = rt.decode(nxt.numpy(), pos.numpy().astype(np.int64), cache)
-        stat("decode.logits").add(ol, dl.numpy())
+        cache = KVCache([[k.cpu().numpy(), v.cpu().numpy()] for k, v in ref.kv], mask[:, p + n :], steps=1, dtype=rt.kv_dtype)
+        ol = rt.decode(nxt.cpu().numpy(), pos.cpu().numpy().astype(np.int64), cache)
+        stat("decode.logits").add(ol, dl.cpu().numpy())
         for i, kv_i in enumerate(cache.views()):
             for j, w_ in enumerate(("key", "value")):
-                stat(f"decode.new.{i}.{w_}").add(kv_i[j][:, :, -1:], dkv[i][j][:, :, -1:].numpy())
+                stat(f"decode.new.{i}.{w_}").add(kv_i[j][:, :, -1:], dkv[i][j][:, :, -1:].cpu().numpy())
         # ---- end to end greedy generation
         ta = pipe.answer(images, questions)
         oa = rt.answer(images, questions)
@@ -274,6 +281,7 @@ def validate_artifacts(
         "runtime_precision": run_precision,
         "reduced_precision": reduced,
         "provider": provider,
+        "torch": torch_device.record(),
         "samples": len(data),
         "samples_requested": n_req,
         "tolerances": {"atol": atol, "rtol": rtol, "rule": "|onnx - torch| <= atol + rtol * |torch|"}
@@ -306,7 +314,7 @@ def format_report(r: dict) -> str:
     """A Polygraphy-style comparison table plus the summary lines."""
     lines = [
         f"validate {r['artifact_dir']} ({r['provider']} at {r.get('runtime_precision', r['precision'])}, "
-        f"export {r['precision']}, {r['samples']} samples)",
+        f"export {r['precision']}, {r['samples']} samples; PyTorch on {r.get('torch', {}).get('device', 'cpu')})",
         f"{'output':<30} {'max_abs':>10} {'max_rel':>10} {'rel_l2':>9} {'limit':>17}  result",
     ]
     for k, o in r["outputs"].items():
