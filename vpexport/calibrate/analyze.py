@@ -91,8 +91,8 @@ def layer_stats(pl: PrunedModel, ids, mask, feats) -> list[dict]:
     """Per-layer per-sample statistics of one batch (dense model, eager attention)."""
     p, n = pl.prefix, pl.visual_tokens
     b, seq = ids.shape
-    idx = torch.arange(seq)
-    group = torch.zeros(seq, dtype=torch.long)
+    idx = torch.arange(seq, device=mask.device)
+    group = torch.zeros(seq, dtype=torch.long, device=mask.device)
     group[p : p + n] = 1
     group[p + n :] = 2
     rows_valid = mask.to(torch.bool)  # (B, S) valid query rows

@@ -157,6 +157,13 @@ class LlavaFamily(ModelFamily):
             model = LlavaForConditionalGeneration.from_pretrained(
                 path, dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
             processor = AutoProcessor.from_pretrained(path)
+            if getattr(processor, "image_processor", None) is not None:
+                # The PIL backend, also where torchvision is installed: the artifacts' runtime
+                # preprocessing reproduces PIL's resize, and torchvision's differs from it (up to
+                # 2/255 per pixel, measured), which validation would report as a mismatch.
+                from transformers import AutoImageProcessor
+
+                processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
         except (OSError, ValueError) as e:
             raise UserInputError(
                 f"cannot load a LLaVA checkpoint from {path}: {str(e).splitlines()[0]}", field="model.path",
