@@ -155,3 +155,34 @@ def test_llava7b_exact_magnitudes():
     assert f["pruned"] < f["dense"] and 0.25 < f["ratio"] < 0.40
     assert f["with_vision"]["ratio"] > f["ratio"]  # the unpruned vision tower dilutes the saving
     assert BUILTIN_ARCHS["llava-1.5-7b"].spec().text.kv_heads == 32
+
+
+def test_published_dense_figure_by_its_convention():
+    """VisiPruner's 3.82 T for LLaVA-1.5-7B is the decoder's multiply-accumulates over the 576 visual
+    tokens (q/k/v/o + three SwiGLU matrices per token, QK^T and AV over them), by hand."""
+    from vpexport.accounting.flops import published_macs
+    from vpexport.families import BUILTIN_ARCHS
+
+    arch = BUILTIN_ARCHS["llava-1.5-7b"].spec()
+    d, m, n, L = 4096, 11008, 576, 32
+    by_hand = L * (n * (4 * d * d + 3 * d * m) + 2 * n * n * d)
+    pm = published_macs(arch, None)
+    assert pm["dense"] == by_hand and pm["ratio"] == 1.0
+    assert abs(pm["dense"] / pm["published"]["dense"] - 1) < 0.001  # 3.817 T against the paper's 3.82 T
+    big = published_macs(BUILTIN_ARCHS["llava-1.5-13b"].spec(), None)
+    assert "published" not in big and big["dense"] == 40 * (n * (4 * 5120**2 + 3 * 5120 * 13824) + 2 * n * n * 5120)
+
+
+def test_plan_shows_the_published_figure(tmp_path):
+    import json
+
+    from tests.artifact_helpers import cli
+
+    r = cli("plan", "recipes/baselines/llava7b_himap_qa.yaml", "--json")
+    assert r.returncode == 0, r.stderr
+    pm = json.loads(r.stdout)["published_macs"]
+    assert pm["published"]["dense"] == 3.82e12 and 0.24 < pm["ratio"] < 0.26
+    text = cli("plan", "recipes/baselines/llava7b_himap_qa.yaml").stdout
+    assert "MACs, visual tokens only" in text and "published dense: VisiPruner (LLaVA-1.5-7B)" in text
+    r13 = cli("plan", "recipes/baselines/llava13b_himap_qa.yaml", "--json")
+    assert r13.returncode == 0 and "published" not in json.loads(r13.stdout)["published_macs"]

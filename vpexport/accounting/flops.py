@@ -172,6 +172,30 @@ def paper_flops(arch: ArchSpec, schedule: Schedule | None, layout: PromptLayout 
     return out
 
 
+# Dense prefill figures that papers publish, by built-in architecture, with the convention that
+# reproduces them (`published_macs`): VisiPruner's 3.82 T for LLaVA-1.5-7B is the multiply-
+# accumulates of the 32 decoder layers over the 576 visual tokens alone (3.817 T by that count).
+PUBLISHED_DENSE = {
+    "llava-1.5-7b": {"source": "VisiPruner (LLaVA-1.5-7B)", "dense": 3.82e12},
+}
+MACS_CONVENTION = ("multiply-accumulates of the decoder layers over the visual tokens only: q/k/v/o and the "
+                   "three SwiGLU matrices per token, QK^T and AV over the visual tokens; no text, no lm_head")
+
+
+def published_macs(arch: ArchSpec, schedule: Schedule | None) -> dict:
+    """The convention of published dense figures such as VisiPruner's 3.82 T: exact per-layer
+    multiply-accumulates (half the FLOPs of `decoder_layer_flops`) with n = the visual tokens a
+    layer holds. `published`: the paper's dense figure for this architecture, where one exists."""
+    t, L, N = arch.text, arch.text.layers, arch.visual_tokens
+    vis = (schedule or Schedule("none")).visual_per_layer(L, N)
+    dense = L * sum(decoder_layer_flops(t, N).values()) // 2
+    pruned = sum(sum(decoder_layer_flops(t, n).values()) // 2 for n in vis)
+    out = {"convention": MACS_CONVENTION, "dense": dense, "pruned": pruned, "ratio": pruned / dense}
+    if arch.name in PUBLISHED_DENSE:
+        out["published"] = dict(PUBLISHED_DENSE[arch.name])
+    return out
+
+
 def tokens_label(tokens: dict) -> str:
     """How a FLOPs ratio's prompt layout is named in every output: 'prompt 9+144+7 tokens'."""
     return f"prompt {tokens['prefix']}+{tokens['visual']}+{tokens['text']} tokens"

@@ -11,6 +11,7 @@ import shlex
 import click
 
 from vpexport.accounting import decode_step_flops, kv_cache_bytes, paper_flops, prefill_flops, weight_params
+from vpexport.accounting.flops import published_macs
 from vpexport.accounting.flops import tokens_label
 from vpexport.accounting.memory import dtype_bytes
 from vpexport.methods import METHODS
@@ -142,6 +143,7 @@ def build_plan(recipe_path: str, batch: int = 1) -> dict:
         "segments": _segments(r, arch, layout, shown),
         "flops": prefill_flops(arch, shown, layout),
         "paper_flops": paper_flops(arch, shown, layout),
+        "published_macs": published_macs(arch, shown),
         "decode_step": {
             "first": decode_step_flops(arch, shown, layout, 0),
             "last": decode_step_flops(arch, shown, layout, r.task.max_new_tokens - 1),
@@ -151,6 +153,17 @@ def build_plan(recipe_path: str, batch: int = 1) -> dict:
         "weights": {"params": params, "dtype": r.export.precision, "bytes": params["total"] * dtype_bytes(kv_dtype)},
         "next": _next(recipe_path, r),
     }
+
+
+def _published_rows(pm: dict) -> list[str]:
+    """The MACs-over-visual-tokens row (the convention of published dense figures) and, where a
+    paper gives this architecture's figure, that figure beside it."""
+    rows = [f"{'MACs, visual tokens only':<34}{_flops(pm['dense']):>14}{_flops(pm['pruned']):>14}{pm['ratio']:>8.3f}"]
+    if "published" in pm:
+        pub = pm["published"]
+        rows.append(f"{'  published dense: ' + pub['source']:<48}{_flops(pub['dense']):>14}  (this convention: "
+                    f"{pm['dense'] / pub['dense']:.3f} x)")
+    return rows
 
 
 def _next(recipe_path: str, r) -> str:
@@ -203,6 +216,7 @@ def render(p: dict) -> str:
         f"{fl['with_vision']['ratio']:>8.3f}",
         f"{'paper convention (visual tokens)':<34}{_flops(pf['dense']):>14}{_flops(pf['pruned']):>14}{pf['ratio']:>8.3f}",
         f"{'  same formula, all tokens':<34}{'':>14}{'':>14}{pf.get('ratio_all_tokens', float('nan')):>8.3f}",
+        *_published_rows(p["published_macs"]),
         f"{'decode step (first token)':<34}{_flops(dec['dense']):>14}{_flops(dec['pruned']):>14}{dec['ratio']:>8.3f}",
         f"{'decode step (token ' + str(first['last']['generated'] + 1) + ')':<34}{_flops(first['last']['dense']):>14}"
         f"{_flops(first['last']['pruned']):>14}{first['last']['ratio']:>8.3f}",
