@@ -646,9 +646,12 @@ class FakeCuda:
 
 
 def _fake_trt(cuda: FakeCuda, calls: list, version="10.3.0"):
-    """The slice of the tensorrt module vpexport uses, recording the calls that matter."""
+    """The slice of the tensorrt module vpexport uses, recording the calls that matter. Shaped as
+    TensorRT 10 (weakly typed FP16 / BF16 builder flags and strongly typed networks) or, for a
+    version 11.x, TensorRT 11 (strongly typed networks only: no FP16 / BF16 flags)."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
+    major = int(version.split(".")[0])
 
     class Sev:
         INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
@@ -663,7 +666,11 @@ def _fake_trt(cuda: FakeCuda, calls: list, version="10.3.0"):
     trt.ILogger = ILogger
     trt.Logger = ILogger
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", BF16="BF16", TF32="TF32", VERSION_COMPATIBLE="VERSION_COMPATIBLE")
+    flags = dict(TF32="TF32", VERSION_COMPATIBLE="VERSION_COMPATIBLE")
+    if major < 11:
+        flags.update(FP16="FP16", BF16="BF16")
+    trt.BuilderFlag = types.SimpleNamespace(**flags)
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)  # its value in 10.13 and 11
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
     trt.nptype = lambda dt: {"FLOAT": np.float32, "INT64": np.int64}[dt]
 
@@ -745,8 +752,10 @@ def _fake_trt(cuda: FakeCuda, calls: list, version="10.3.0"):
             pass
 
         def create_network(self, flags):
-            assert flags == 0
-            return Network()
+            calls.append(("network", "strong" if flags == 1 << 1 else "weak" if flags == 0 else flags))
+            net = Network()
+            net.flags = flags
+            return net
 
         def create_builder_config(self):
             return Config()
@@ -905,6 +914,91 @@ def test_bf16_needs_ampere(tiny_art, fake_gpu, monkeypatch):
     assert not (tiny_art / "engines").exists()
 
 
+# --------------------------------------------------------------------------- network typing (TensorRT 10 and 11)
+@pytest.mark.parametrize("export,precision,strong,weak,want", [
+    ("fp16", "fp16", True, True, (True, ())),        # TensorRT 10: the ONNX's types
+    ("fp16", "fp16", True, False, (True, ())),       # TensorRT 11: the same
+    ("fp32", "fp32", True, False, (True, ())),
+    ("fp32", "fp16", True, True, (False, ("FP16",))),  # TensorRT 10 only: the weakly typed flag
+    ("fp32", "bf16", True, True, (False, ("BF16",))),
+])
+def test_network_typing_table(export, precision, strong, weak, want):
+    from vpexport.engine.build import network_typing
+
+    t = network_typing(export, precision, has_strong=strong, has_weak_flags=weak)
+    assert (t.strong, t.flags) == want
+
+
+@pytest.mark.parametrize("export,precision,weak,needle", [
+    ("fp32", "fp16", False, "export.precision: fp16"),   # TensorRT 11 has no FP16 flag
+    ("fp32", "bf16", False, "--precision fp32"),
+    ("fp16", "fp32", True, "export.precision: fp32"),   # never: fp16 tensors in an fp32 plan
+    ("fp16", "bf16", True, "--precision fp16"),
+])
+def test_network_typing_refusals_are_one_line(export, precision, weak, needle):
+    from vpexport.engine.build import network_typing
+
+    with pytest.raises(UserInputError) as e:
+        network_typing(export, precision, has_strong=True, has_weak_flags=weak, version="11.0.0")
+    line = e.value.one_line()
+    assert e.value.exit_code == 2 and "\n" not in line and line.startswith("--precision: ") and needle in line
+
+
+def _fake_version(fake_gpu, monkeypatch, version):
+    trt = _fake_trt(fake_gpu.cuda, fake_gpu.calls, version=version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt
+
+
+def _set_export_precision(art, precision):
+    from vpexport.manifest import read_manifest, update_manifest
+
+    update_manifest(art, "export", {**read_manifest(art)["export"], "precision": precision})
+
+
+def test_tensorrt_11_builds_the_fp16_export_strongly_typed(tiny_art, fake_gpu, monkeypatch):
+    """The default recipe (fp16 export, engine.precision fp16) on TensorRT 11: a strongly typed
+    network, no precision flag, recorded as such."""
+    from vpexport.engine.build import build_engines
+    from vpexport.manifest import read_manifest
+
+    _fake_version(fake_gpu, monkeypatch, "11.0.0")
+    _set_export_precision(tiny_art, "fp16")
+    log: list = []
+    doc = build_engines(tiny_art, echo=log.append)  # precision from the recipe: fp16
+    nets = [c[1] for c in fake_gpu.calls if c[0] == "network"]
+    assert nets == ["strong"] * 3
+    assert all(c[2] == [] for c in fake_gpu.calls if c[0] == "build")
+    assert doc["network"] == "strongly typed" and doc["export_precision"] == "fp16" and doc["tensorrt"] == "11.0.0"
+    assert read_manifest(tiny_art)["engine"]["network"] == "strongly typed"
+    assert "fp16 from the fp16 export, strongly typed" in log[0]
+
+
+def test_tensorrt_11_refuses_fp16_plans_of_an_fp32_export(tiny_art, fake_gpu, monkeypatch):
+    from vpexport.engine.build import build_engines
+
+    _fake_version(fake_gpu, monkeypatch, "11.0.0")
+    before = _snapshot(tiny_art)
+    with pytest.raises(UserInputError, match="strongly typed networks only") as e:
+        build_engines(tiny_art, precision="fp16", echo=lambda m: None)
+    assert "export.precision: fp16" in e.value.one_line()
+    assert _snapshot(tiny_art) == before  # nothing written
+    build_engines(tiny_art, precision="fp32", echo=lambda m: None)  # fp32 plans of the fp32 export build
+    assert [c[1] for c in fake_gpu.calls if c[0] == "network"] == ["strong"] * 3
+    assert ("clear", "TF32") in fake_gpu.calls
+
+
+def test_tensorrt_10_keeps_weak_flags_below_the_export_precision(tiny_art, fake_gpu):
+    from vpexport.engine.build import build_engines
+
+    doc = build_engines(tiny_art, precision="fp16", echo=lambda m: None)  # fp32 export
+    assert [c[1] for c in fake_gpu.calls if c[0] == "network"] == ["weak"] * 3
+    assert doc["network"] == "weakly typed (FP16)"
+    fake_gpu.calls.clear()
+    build_engines(tiny_art, precision="fp32", echo=lambda m: None)
+    assert [c[1] for c in fake_gpu.calls if c[0] == "network"] == ["strong"] * 3
+
+
 def test_trt_graphs_run_and_refuse_foreign_plans(tiny_art, fake_gpu):
     """TrtGraphs: same interface as runtime.session.Graphs; profile checks; compatibility refusal."""
     from vpexport.engine.build import build_engines
@@ -986,10 +1080,12 @@ def test_probe_gpu_reports_what_it_looked_for(monkeypatch):
 
 # --------------------------------------------------------------------------- GPU: real TensorRT
 def _real_gpu_or_skip():
+    from vpexport.engine.build import import_tensorrt
+
     try:
-        import tensorrt as trt  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"tensorrt is not importable here ({type(e).__name__}: {e})")
+        import_tensorrt()  # also refuses tensorrt-stubs' empty namespace package
+    except RuntimeUnavailable as e:
+        pytest.skip(f"no TensorRT library here: {e}")
     from vpexport.engine.cuda import probe_gpu
 
     p = probe_gpu()

@@ -10,16 +10,25 @@ CUDA device visible, else RuntimeUnavailable (exit 5) before anything is written
 a temp folder inside the artifact folder, then rename it to `engines/` (the old one is replaced
 only after every plan built and deserialized); (4) save the timing cache; (5) update the manifest.
 
-TensorRT API used (TensorRT 10 Python): Builder, create_network(0) (explicit batch is the only
-mode in 10.x), OnnxParser.parse_from_file (resolves ONNX external data next to the file),
+Network typing (`network_typing`): when the plan's precision is the export's (fp16 plans from an fp16
+export, fp32 from fp32), the network is strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED:
+every tensor keeps its ONNX type, no precision flags), which is the only mode TensorRT 11 has. A
+lower plan precision than the export's (fp16 / bf16 plans from an fp32 export) needs the weakly typed
+builder flags FP16 / BF16: TensorRT 10 has them, TensorRT 11 refuses with one line naming the export
+precision to use instead. A higher one (fp32 plans from an fp16 export) is refused on both.
+
+TensorRT API used (TensorRT 10 / 11 Python), type-checked with mypy against `tensorrt-stubs`: Builder,
+create_network(flags) (explicit batch is the only mode since 10.x), OnnxParser.parse_from_file (resolves ONNX external data next to the file),
 create_builder_config, set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes), BuilderFlag.FP16 /
 BF16 / TF32 / VERSION_COMPATIBLE, create_optimization_profile + set_shape, create_timing_cache /
 set_timing_cache / get_timing_cache().serialize(), build_serialized_network, Runtime +
 deserialize_cuda_engine (to log the bindings), ICudaEngine.num_io_tensors / get_tensor_name /
 get_tensor_mode / get_tensor_dtype / get_tensor_shape / get_tensor_profile_shape.
 
-UNVERIFIED: the GPU half (steps 2-4 past the availability check) was written against the
-documented API without a GPU or TensorRT in the session that wrote it.
+UNVERIFIED on TensorRT itself: the GPU half (steps 2-4 past the availability check) is written against
+the documented API and type-checked against tensorrt-stubs 10.13 (tests/test_trt_types.py); it has
+run only against the API-shaped fakes of tests/test_engine.py (TensorRT 10 and 11 shapes), never
+with a real TensorRT.
 """
 
 from __future__ import annotations
@@ -57,6 +66,14 @@ def import_tensorrt(what: str = NEEDS, tail: str = "; nothing was written"):
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else '-'}){tail}",
             fix="on an NVIDIA GPU machine: pip install tensorrt (x86_64) or use JetPack's TensorRT (Jetson)",
         ) from None
+    if getattr(trt, "__file__", None) is None and not hasattr(trt, "__version__"):
+        # A folder without the library: `tensorrt-stubs` installs tensorrt/__init__.pyi only, which
+        # Python imports as an empty namespace package.
+        raise RuntimeUnavailable(
+            f"{what}: looked for the Python module `tensorrt` and found only type stubs (a namespace package at "
+            f"{', '.join(getattr(trt, '__path__', [])) or '?'}, no TensorRT library){tail}",
+            fix="on an NVIDIA GPU machine: pip install tensorrt (x86_64) or use JetPack's TensorRT (Jetson)",
+        )
     ver = getattr(trt, "__version__", "0")
     try:
         major = int(str(ver).split(".")[0])
@@ -84,7 +101,8 @@ def require_gpu(what: str = NEEDS, tail: str = "; nothing was written"):
 
 
 def current_environment(trt=None, probe=None) -> dict:
-    """{"tensorrt": version, "gpu": {name, compute_capability, total_memory, count}} of this machine."""
+    """{"tensorrt": version, "gpu": {name, compute_capability, total_memory, count}} of this machine
+    (`trt`: the tensorrt module, already imported by the caller)."""
     trt = trt or import_tensorrt("TensorRT plans need TensorRT", tail="")
     probe = probe or require_gpu("TensorRT plans need an NVIDIA GPU", tail="")
     return {"tensorrt": str(trt.__version__), "gpu": probe.to_dict()}
@@ -192,24 +210,63 @@ def prepare(artifact_dir: str | Path, verify: bool = True) -> BuildPlan:
     return BuildPlan(art, manifest, spec, onnx, profiles)
 
 
+# --------------------------------------------------------------------------- network typing
+@dataclass(frozen=True)
+class NetworkTyping:
+    """How a plan gets its precision: `strong` (the ONNX's own types) or weak with builder `flags`."""
+
+    strong: bool
+    flags: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return "strongly typed" if self.strong else "weakly typed" + (f" ({', '.join(self.flags)})" if self.flags else "")
+
+
+def network_typing(export_precision: str, precision: str, has_strong: bool, has_weak_flags: bool,
+                   version: str = "") -> NetworkTyping:
+    """The typing of a `precision` plan built from an `export_precision` ONNX. `has_strong`: the
+    TensorRT here has STRONGLY_TYPED networks (>= 9); `has_weak_flags`: it still has the FP16 / BF16
+    builder flags (10.x; gone in 11). Refusals are one-line UserInputErrors naming the fix."""
+    trt_name = f"TensorRT {version}".strip()
+    if precision == export_precision:
+        return NetworkTyping(True) if has_strong else NetworkTyping(False, ("FP16",) if precision == "fp16" else ())
+    if export_precision == "fp32" and precision in ("fp16", "bf16"):
+        if has_weak_flags:
+            return NetworkTyping(False, (precision.upper(),))
+        fix = ("re-export with export.precision: fp16 (the plan then computes in the ONNX's fp16), or build with "
+               "--precision fp32" if precision == "fp16" else "build with --precision fp32, or re-export with "
+               "export.precision: fp16 and build fp16")
+        raise UserInputError(f"{trt_name} builds strongly typed networks only, so a plan computes in its ONNX's "
+                             f"types; this export is fp32 and a {precision} plan needs a {precision} export",
+                             field="--precision", fix=fix)
+    raise UserInputError(f"a {precision} plan from an {export_precision} export: the ONNX's {export_precision} "
+                         f"tensors cannot be computed in {precision}", field="--precision",
+                         fix=f"build with --precision {export_precision}, or re-export with export.precision: {precision}")
+
+
 # --------------------------------------------------------------------------- the GPU half
-def _dtype_name(trt, dt) -> str:
+def _dtype_name(dt) -> str:
     try:
         import numpy as np
+        import tensorrt as trt
 
         return np.dtype(trt.nptype(dt)).name
     except Exception:  # BF16 / FP8 have no numpy type
         return str(dt).split(".")[-1].lower()
 
 
-def _make_logger(trt, echo):
+def _make_logger():
+    """A TensorRT logger that keeps the errors (for the one-line failure) and counts warnings."""
+    import tensorrt as trt
+
     class _Logger(trt.ILogger):
-        def __init__(self):
+        def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
             self.warnings = 0
 
-        def log(self, severity, msg):
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
             if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
                 self.errors.append(str(msg))
             elif severity == trt.ILogger.Severity.WARNING:
@@ -218,43 +275,62 @@ def _make_logger(trt, echo):
     return _Logger()
 
 
-def engine_bindings(trt, engine, profile_index: int = 0) -> list[dict]:
-    """The I/O tensors of a deserialized engine, with their profile ranges (inputs)."""
+def dims(d) -> list[int]:
+    """A tensorrt.Dims (or a list) as ints. Dims is a sequence by __len__ / __getitem__; its stubs
+    declare no __iter__, so it is indexed rather than iterated."""
+    return [int(d[i]) for i in range(len(d))]
+
+
+def engine_bindings(engine, profile_index: int = 0) -> list[dict]:
+    """The I/O tensors of a deserialized engine (a tensorrt.ICudaEngine), with their profile ranges (inputs)."""
+    import tensorrt as trt
+
+    eng: trt.ICudaEngine = engine
     out = []
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        is_in = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-        shape = list(engine.get_tensor_shape(name))
+    for i in range(eng.num_io_tensors):
+        name = eng.get_tensor_name(i)
+        is_in = eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        shape = dims(eng.get_tensor_shape(name))
         prof = None
         if is_in and any(d < 0 for d in shape):
-            lo, mid, hi = engine.get_tensor_profile_shape(name, profile_index)
-            prof = {"min": list(lo), "opt": list(mid), "max": list(hi)}
-        out.append(binding(name, "input" if is_in else "output", _dtype_name(trt, engine.get_tensor_dtype(name)), shape, prof))
+            lo, mid, hi = eng.get_tensor_profile_shape(name, profile_index)
+            prof = {"min": dims(lo), "opt": dims(mid), "max": dims(hi)}
+        out.append(binding(name, "input" if is_in else "output", _dtype_name(eng.get_tensor_dtype(name)), shape, prof))
     return out
 
 
-def _configure(trt, builder, config, s: Settings, cc: str) -> None:
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(s.workspace_gb * 2**30))
-    flags = trt.BuilderFlag
-    if s.precision == "fp16":
-        if not hasattr(flags, "FP16"):
-            raise UserInputError(
-                f"TensorRT {trt.__version__} has no FP16 builder flag (strongly typed builds only)",
-                field="--precision",
-                fix="export with export.precision: fp16 and build with --precision fp32 (the ONNX types then decide)",
-            )
-        config.set_flag(flags.FP16)
-    elif s.precision == "bf16":
-        if not hasattr(flags, "BF16"):
-            raise UserInputError(f"TensorRT {trt.__version__} has no BF16 builder flag", field="--precision", fix="use fp16 or fp32")
+def _typing_here(export_precision: str, precision: str) -> NetworkTyping:
+    """`network_typing` for the TensorRT installed here."""
+    import tensorrt as trt
+
+    return network_typing(export_precision, precision,
+                          has_strong=hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"),
+                          has_weak_flags=hasattr(trt.BuilderFlag, "FP16"), version=str(trt.__version__))
+
+
+def _network_flags(typing: NetworkTyping) -> int:
+    import tensorrt as trt
+
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typing.strong else 0
+
+
+def _configure(config, s: Settings, cc: str, typing: NetworkTyping) -> None:
+    """Workspace, the weakly typed precision flags (none on a strongly typed network), TF32 off for
+    fp32, version compatibility."""
+    import tensorrt as trt
+
+    cfg: trt.IBuilderConfig = config
+    cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(s.workspace_gb * 2**30))
+    if s.precision == "bf16":
         major = int(cc.split(".")[0]) if cc else 0
         if major < 8:
             raise UserInputError(f"bf16 needs compute capability >= 8.0 (this GPU is {cc})", field="--precision", fix="use fp16")
-        config.set_flag(flags.BF16)
-    elif hasattr(flags, "TF32"):
-        config.clear_flag(flags.TF32)  # fp32 means fp32: TF32 matmuls would loosen the ORT comparison
+    for name in typing.flags:
+        cfg.set_flag(getattr(trt.BuilderFlag, name))
+    if s.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        cfg.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 matmuls would loosen the ORT comparison
     if s.version_compatible:
-        config.set_flag(flags.VERSION_COMPATIBLE)
+        cfg.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -282,14 +358,19 @@ def build_engines(
 
     plan = prepare(artifact_dir)
     s = resolve_settings(plan.manifest, precision, workspace_gb, timing_cache, version_compatible)
-    trt = import_tensorrt()
+    import_tensorrt()  # one line (exit 5) when missing or older than 10
+    import tensorrt as trt
+
     probe = require_gpu()
+    export_precision = str((plan.manifest.get("export") or {}).get("precision", "fp32"))
+    typing = _typing_here(export_precision, s.precision)
     cc = probe.compute_capability
     echo(
         f"[engine] TensorRT {trt.__version__} on {probe.name} (compute capability {cc}); "
-        f"{s.precision}, workspace {s.workspace_gb:g} GB" + (", version-compatible" if s.version_compatible else "")
+        f"{s.precision} from the {export_precision} export, {typing.label}, workspace {s.workspace_gb:g} GB"
+        + (", version-compatible" if s.version_compatible else "")
     )
-    logger = _make_logger(trt, echo)
+    logger = _make_logger()
     art = plan.artifact_dir
     cache_path = Path(s.timing_cache) if s.timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
@@ -304,7 +385,7 @@ def build_engines(
         for seg in SEGMENTS:
             t0 = time.perf_counter()
             logger.errors.clear()
-            network = builder.create_network(0)
+            network = builder.create_network(_network_flags(typing))
             parser = trt.OnnxParser(network, logger)
             if not parser.parse_from_file(str(plan.onnx[seg])):
                 errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors or ["unknown error"]
@@ -317,11 +398,11 @@ def build_engines(
             prof = dict(plan.profiles[seg])
             for i in range(network.num_inputs):  # any dynamic input the export record missed
                 t = network.get_input(i)
-                dims = list(t.shape)
-                if any(d < 0 for d in dims) and t.name not in prof:
-                    prof.update(compute_profile(seg, {t.name: dims}, plan.spec))
+                shape = dims(t.shape)
+                if any(d < 0 for d in shape) and t.name not in prof:
+                    prof.update(compute_profile(seg, {t.name: shape}, plan.spec))
             config = builder.create_builder_config()
-            _configure(trt, builder, config, s, cc)
+            _configure(config, s, cc, typing)
             if prof:
                 op = builder.create_optimization_profile()
                 for name, r in prof.items():
@@ -362,7 +443,7 @@ def build_engines(
                     "build_seconds": round(seconds, 2),
                     "device_memory": None if mem is None else int(mem),
                     "profile": prof,
-                    "bindings": engine_bindings(trt, engine),
+                    "bindings": engine_bindings(engine),
                 }
             )
             del engine, runtime
@@ -372,6 +453,8 @@ def build_engines(
             "tensorrt": str(trt.__version__),
             "gpu": probe.to_dict(),
             "precision": s.precision,
+            "export_precision": export_precision,
+            "network": typing.label,
             "workspace_gb": s.workspace_gb,
             "version_compatible": s.version_compatible,
             "timing_cache": str(cache_path) if cache_path else None,
@@ -398,6 +481,7 @@ def build_engines(
         "tensorrt": doc["tensorrt"],
         "gpu": doc["gpu"],
         "precision": s.precision,
+        "network": typing.label,
         "workspace_gb": s.workspace_gb,
         "version_compatible": s.version_compatible,
         "timing_cache": doc["timing_cache"],

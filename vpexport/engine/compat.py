@@ -35,7 +35,7 @@ def parse_version(v) -> tuple[int, ...]:
 
 def _release(v) -> tuple[int, int, int]:
     t = parse_version(v) + (0, 0, 0)
-    return t[:3]
+    return t[0], t[1], t[2]
 
 
 def check_plan_compatible(recorded: dict, current: dict, *, where: str = "engines") -> list[str]:

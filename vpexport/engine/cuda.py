@@ -238,7 +238,8 @@ class LibcudaBackend:
 # --------------------------------------------------------------------------- selection
 def cuda_backend(prefer: str | None = None):
     """cuda-python if importable (or `prefer='libcuda'`), else the driver library; raises RuntimeUnavailable."""
-    order = [LibcudaBackend, CudaPythonBackend] if prefer == "libcuda" else [CudaPythonBackend, LibcudaBackend]
+    order: list[type[LibcudaBackend] | type[CudaPythonBackend]] = (
+        [LibcudaBackend, CudaPythonBackend] if prefer == "libcuda" else [CudaPythonBackend, LibcudaBackend])
     errors = []
     for cls in order:
         try:

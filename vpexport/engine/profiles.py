@@ -138,10 +138,13 @@ def compute_profile(segment: str, inputs, spec: LengthSpec) -> dict[str, dict[st
             raise ArtifactError(f"{segment}.onnx input {name} has no shape", field="artifacts", fix="re-run `vpexport export RECIPE`")
         if not any(_is_dynamic(d) for d in shape):
             continue
-        mins, opts, maxs = [], [], []
+        mins: list[int] = []
+        opts: list[int] = []
+        maxs: list[int] = []
         for axis, d in enumerate(shape):
             if not _is_dynamic(d):
-                mins.append(d), opts.append(d), maxs.append(d)
+                for side in (mins, opts, maxs):
+                    side.append(d)
                 continue
             sym = d if isinstance(d, str) and d else _fallback_symbol(segment, name, axis)
             r = spec.symbol(sym) if sym else None
@@ -155,7 +158,9 @@ def compute_profile(segment: str, inputs, spec: LengthSpec) -> dict[str, dict[st
                     fix="re-export with vpexport export (axes batch, sequence, text_total, past_len.i)",
                 )
             lo, mid, hi = r
-            mins.append(lo), opts.append(mid), maxs.append(hi)
+            mins.append(lo)
+            opts.append(mid)
+            maxs.append(hi)
         out[name] = {"min": mins, "opt": opts, "max": maxs}
     return out
 

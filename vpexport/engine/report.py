@@ -16,7 +16,7 @@ FORMAT = 1
 
 
 def binding(name: str, mode: str, dtype: str, shape, profile: dict | None = None) -> dict:
-    d = {"name": name, "mode": mode, "dtype": dtype, "shape": [int(x) for x in shape]}
+    d: dict[str, object] = {"name": name, "mode": mode, "dtype": dtype, "shape": [int(x) for x in shape]}
     if profile is not None:
         d["profile"] = {k: [int(x) for x in profile[k]] for k in ("min", "opt", "max")}
     return d

@@ -23,8 +23,9 @@ numpy arrays, like with ONNX Runtime); device-resident KV caches are future work
 Before deserializing, the manifest's `engine` section is compared with this machine's TensorRT
 version and GPU (`check_plan_compatible`): a plan built elsewhere is refused with a clear line.
 
-UNVERIFIED: written against the documented TensorRT 10 Python API in a session without a GPU;
-only the import / unavailability / compatibility paths ran here.
+UNVERIFIED on TensorRT itself: written against the documented TensorRT 10 Python API and type-checked
+with mypy against tensorrt-stubs 10.13, never run with a real TensorRT; the tests run it against an
+API-shaped fake.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vpexport.engine.build import dims
 from vpexport.errors import ArtifactError, RuntimeUnavailable, UserInputError
 from vpexport.runtime.session import Graphs
 
@@ -63,14 +65,14 @@ def load_tensorrt():
 
 
 class TrtSession:
-    def __init__(self, plan_path: str | Path, *, trt=None, cuda=None, runtime=None, version_compatible: bool = False):
+    def __init__(self, plan_path: str | Path, *, cuda=None, runtime=None, version_compatible: bool = False):
         from vpexport.engine.cuda import cuda_backend
 
         self.path = Path(plan_path)
         if not self.path.is_file():
             raise ArtifactError(f"{self.path} does not exist", field="artifacts", fix="run `vpexport engine ARTIFACT_DIR` on this machine")
-        self.trt = trt or load_tensorrt()
-        trt = self.trt
+        load_tensorrt()  # one line (exit 5) when missing or older than 10
+        import tensorrt as trt  # typed by tensorrt-stubs (tests/test_trt_types.py)
         try:
             self.cuda = cuda or cuda_backend()
         except RuntimeUnavailable as e:
@@ -100,13 +102,13 @@ class TrtSession:
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             dt = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            shape = [int(d) for d in self.engine.get_tensor_shape(name)]
+            shape = dims(self.engine.get_tensor_shape(name))
             info = TensorInfo(name, [d if d >= 0 else None for d in shape], f"tensor({_ORT_TYPE.get(dt.name, dt.name)})", dt)
             if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 self._in.append(info)
                 if any(d < 0 for d in shape):
                     lo, mid, hi = self.engine.get_tensor_profile_shape(name, 0)
-                    self.profile[name] = {"min": list(lo), "opt": list(mid), "max": list(hi)}
+                    self.profile[name] = {"min": dims(lo), "opt": dims(mid), "max": dims(hi)}
             else:
                 self._out.append(info)
 
@@ -148,7 +150,7 @@ class TrtSession:
             ctx.set_tensor_address(t.name, ptr)
         host_out = {}
         for t in self._out:
-            shape = tuple(int(d) for d in ctx.get_tensor_shape(t.name))
+            shape = tuple(dims(ctx.get_tensor_shape(t.name)))
             if any(d < 0 for d in shape):
                 raise ArtifactError(
                     f"{self.path.name}: output {t.name} has a data-dependent shape {shape}",
@@ -208,7 +210,9 @@ class TrtGraphs(Graphs):
         if not section:
             raise ArtifactError(f"{art} has no engine section in its manifest", field="artifacts",
                                 fix="run `vpexport engine ARTIFACT_DIR` on this machine")
-        trt = load_tensorrt()
+        load_tensorrt()
+        import tensorrt as trt
+
         env = current_environment(trt, require_gpu(NEEDS, tail=""))
         for w in check_plan_compatible(section, env, where=str(art / "engines")):
             (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(w)
@@ -217,7 +221,7 @@ class TrtGraphs(Graphs):
         if section.get("version_compatible"):
             runtime.engine_host_code_allowed = True
         self._bind({
-            n: TrtSession(art / plans[n], trt=trt, runtime=runtime, version_compatible=bool(section.get("version_compatible")))
+            n: TrtSession(art / plans[n], runtime=runtime, version_compatible=bool(section.get("version_compatible")))
             for n in self.NAMES
         })
         self._runtime = runtime
