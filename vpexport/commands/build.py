@@ -46,7 +46,7 @@ def build(recipe_path, out, force, device, as_json):
         click.echo(f"schedule: {chosen}")
     click.echo("artifacts:")
     for rel, info in res["manifest"]["files"].items():
-        if rel.endswith((".onnx", ".plan", ".json", ".pbtxt")) and "/" in rel and not rel.startswith("triton/"):
+        if rel.endswith((".onnx", ".bin", ".plan", ".json", ".pbtxt")) and "/" in rel and not rel.startswith("triton/"):
             click.echo(f"  {d / rel}  {_size(info['size'])}")
     for rel, what in (("schedule.json", "the calibrated schedule"), ("calibration.md", "the calibration report"),
                       ("analysis", "the attention analysis and its plots"), ("triton", "Triton model repository")):

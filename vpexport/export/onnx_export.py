@@ -399,6 +399,9 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
         _finalize_onnx(raw, onnx_dir / "decode.onnx", spec)
         _log(log, f"[export]   done in {time.perf_counter() - t0:.1f} s")
         shutil.rmtree(raw_dir)
+        from vpexport.export.shared_weights import share_weights
+
+        shared = share_weights(onnx_dir, log=(lambda m: _log(log, m)))
 
         # ---- runtime assets
         gen = {
@@ -480,6 +483,9 @@ def export_artifacts(recipe, out_dir: str | Path, schedule, log=print) -> dict:
         "visual_per_layer": list(pm.visual_per_layer),
         "schedule": schedule.to_dict(),
         "graphs": graphs,
+        # prefill and decode reference one copy of their weights (vpexport/export/shared_weights.py)
+        "shared_weights": {"file": f"onnx/{shared['file']}", "graphs": ["prefill", "decode"],
+                           "bytes": shared["bytes"], "tensors": shared["tensors"], "saved_bytes": shared["saved_bytes"]},
     }
     update_manifest(out_dir, None, None, files=files)
     update_manifest(out_dir, "schedule", schedule.to_dict())

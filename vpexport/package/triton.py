@@ -310,8 +310,12 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
                 _place(art / "onnx" / f"{n}.onnx", tmp / n / "source.onnx")
             else:
                 _place(art / "onnx" / f"{n}.onnx", tmp / n / "1" / "model.onnx")
-                for ext in (art / "onnx").glob(f"{n}.onnx.data"):  # external weights (> 2 GB graphs)
-                    _place(ext, tmp / n / "1" / ext.name)
+                from vpexport.export.shared_weights import external_files
+
+                # external weights (onnx/weights.bin shared by prefill and decode, a > 2 GB
+                # graph's own file): next to model.onnx, where ONNX Runtime looks for them
+                for ext in external_files(art / "onnx" / f"{n}.onnx"):
+                    _place(art / "onnx" / ext, tmp / n / "1" / ext)
             models[n] = {"platform": platform, "max_batch_size": cfg.max_batch_size,
                          "inputs": len(sig["inputs"]), "outputs": len(sig["outputs"])}
             log(f"[package] {n}: {platform}, max_batch_size {cfg.max_batch_size}")

@@ -31,7 +31,11 @@ def providers_for(name: str) -> list[str]:
     return want
 
 
-def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None):
+def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None, shared=None):
+    """An ONNX Runtime session of one graph. `shared`: the folder's SharedWeights
+    (vpexport/export/shared_weights.py); the graph's initializers in weights.bin then come from its
+    one mapping instead of a copy per session, and are used as they are, not pre-packed: a
+    pre-packed copy per session would hold the weights twice again."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -48,6 +52,12 @@ def make_session(path: str | Path, provider: str = "cpu", threads: int | None = 
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     if threads:
         opts.intra_op_num_threads = threads
+    if shared is not None:
+        pairs = shared.initializers(path)
+        if pairs:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in pairs:
+            opts.add_initializer(name, value)
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers_for(provider))
     except (RuntimeUnavailable, UserInputError):
@@ -71,7 +81,12 @@ class Graphs:
     MAX_SHAPES = 4
 
     def __init__(self, onnx_dir: str | Path, provider: str = "cpu", threads: int | None = None):
-        self._bind({n: make_session(Path(onnx_dir) / f"{n}.onnx", provider, threads) for n in self.NAMES})
+        from vpexport.export.shared_weights import SharedWeights
+
+        # held for the sessions' lifetime: they run on its buffers
+        self.shared_weights = SharedWeights.find(onnx_dir)
+        self._bind({n: make_session(Path(onnx_dir) / f"{n}.onnx", provider, threads, self.shared_weights)
+                    for n in self.NAMES})
 
     def _bind(self, sessions: dict) -> None:
         """Sessions with ORT's interface (get_inputs/get_outputs/run), indexed by graph name."""
