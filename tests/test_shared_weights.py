@@ -154,3 +154,23 @@ def test_export_records_and_packages_the_shared_file(tmp_path):
     package_triton(art, tmp_path / "repo", r.deploy, log=lambda msg: None)
     for g in ("prefill", "decode"):
         assert (tmp_path / "repo" / g / "1" / SHARED_FILE).is_file()
+
+
+def test_cpu_shared_provider_maps_the_weights_once_and_answers_as_cpu(tmp_path):
+    """`--provider cpu-shared` (the provider table's row): the same answers as `cpu`, its graphs on
+    one SharedWeights; `cpu` keeps a pre-packed copy per session."""
+    from tests.artifact_helpers import build_checkpoint, cli, export_py, make_eval, write_recipe
+    from vpexport.runtime import ArtifactRuntime
+
+    ckpt = build_checkpoint(tmp_path / "ckpt")
+    art = tmp_path / "art"
+    ev = make_eval(tmp_path / "data", n=2)
+    export_py(write_recipe(tmp_path / "r.yaml", ckpt, "himap", ev), art)
+    shared, plain = ArtifactRuntime.open(art, provider="cpu-shared"), ArtifactRuntime.open(art, provider="cpu")
+    assert shared.graphs.shared_weights is not None and plain.graphs.shared_weights is None
+    img = str(tmp_path / "data" / "img0.png")
+    outs = [json.loads(cli("run", art, "--provider", p, "--image", img, "--prompt", "read the digits", "--json").stdout)
+            for p in ("cpu", "cpu-shared")]
+    assert outs[0] == outs[1]
+    r = cli("validate", art, "--provider", "cpu-shared", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["passed"]

@@ -7,6 +7,10 @@ import json
 
 import click
 
+from vpexport.runtime.providers import PROVIDERS
+
+CPU_PROVIDERS = [n for n, p in PROVIDERS.items() if p.device == "CPU"]
+
 
 @click.command("package")
 @click.argument("artifact_dir", required=False, type=click.Path())
@@ -20,7 +24,7 @@ import click
 @click.option("--recipe", "recipe_path", type=click.Path(), default=None,
               help="Take deploy.triton from this recipe instead of the one recorded in the artifacts.")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="ONNX Runtime threads per python-model instance (0: ORT default).")
-@click.option("--provider", type=click.Choice(["cpu", "openvino"]), default=None,
+@click.option("--provider", type=click.Choice(CPU_PROVIDERS), default=None,
               help="Runtime inside the python model on CPU instances, inprocess mode (default: cpu = ONNX Runtime).")
 @click.option("--precision", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,
               help="Inference precision for --provider openvino.")

@@ -328,11 +328,14 @@ def package_triton(artifact_dir, out_dir, deploy_cfg=None, *, model_name: str = 
             provider = "tensorrt" if plans else "cuda"
         else:
             provider = provider or "cpu"
-            if provider not in ("cpu", "openvino"):
+            from vpexport.runtime.providers import PROVIDERS
+
+            if PROVIDERS.get(provider) is None or PROVIDERS[provider].device != "CPU":
                 raise UserInputError(f"--provider {provider} needs GPU instances", field="--provider",
-                                     fix="use --provider cpu or openvino, or --device gpu")
-            if provider == "openvino" and d["mode"] != "inprocess":
-                raise UserInputError("--provider openvino runs the graphs inside the python model", field="--provider",
+                                     fix="use a CPU provider (" + ", ".join(n for n, p in PROVIDERS.items() if p.device == "CPU")
+                                     + "), or --device gpu")
+            if provider != "cpu" and d["mode"] != "inprocess":
+                raise UserInputError(f"--provider {provider} runs the graphs inside the python model", field="--provider",
                                      fix="use --mode inprocess (bls sends them to Triton's onnxruntime backend)")
         pm = tmp / model_name
         ver = pm / "1"

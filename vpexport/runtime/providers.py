@@ -24,11 +24,11 @@ class Provider:
     summary: str
 
 
-def _ort(provider: str):
+def _ort(provider: str, share_weights: bool = False):
     def open_(artifact_dir: Path, manifest: dict, threads, precision):
         from vpexport.runtime.session import Graphs
 
-        return Graphs(artifact_dir / "onnx", provider, threads)
+        return Graphs(artifact_dir / "onnx", provider, threads, share_weights=share_weights)
 
     return open_
 
@@ -53,6 +53,9 @@ PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
         Provider("cpu", "onnxruntime", "CPU", (), None, _ort("cpu"), "ONNX Runtime, CPUExecutionProvider"),
+        Provider("cpu-shared", "onnxruntime", "CPU", (), None, _ort("cpu", share_weights=True),
+                 "ONNX Runtime CPU with prefill and decode on one mapping of onnx/weights.bin: the weights in "
+                 "memory once, not pre-packed (prefill slower, docs/export.md)"),
         Provider("cuda", "onnxruntime-gpu", "NVIDIA GPU", (), "gpu", _ort("cuda"), "ONNX Runtime, CUDAExecutionProvider"),
         Provider("tensorrt", "tensorrt", "NVIDIA GPU", (), "gpu", _tensorrt,
                  "TensorRT plans from `vpexport engine` (else ONNX Runtime's TensorRT EP)"),

@@ -80,11 +80,15 @@ class Graphs:
     NAMES = ("vision", "prefill", "decode")
     MAX_SHAPES = 4
 
-    def __init__(self, onnx_dir: str | Path, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, onnx_dir: str | Path, provider: str = "cpu", threads: int | None = None,
+                 share_weights: bool = False):
+        """`share_weights`: prefill and decode take onnx/weights.bin's tensors from one mapping
+        (memory once, no pre-packing); otherwise each session loads and pre-packs its own copy,
+        which is faster in prefill (measured in docs/export.md)."""
         from vpexport.export.shared_weights import SharedWeights
 
         # held for the sessions' lifetime: they run on its buffers
-        self.shared_weights = SharedWeights.find(onnx_dir)
+        self.shared_weights = SharedWeights.find(onnx_dir) if share_weights else None
         self._bind({n: make_session(Path(onnx_dir) / f"{n}.onnx", provider, threads, self.shared_weights)
                     for n in self.NAMES})
 
