@@ -258,7 +258,9 @@ def test_export_cli_summary(ckpt, tmp_path):
 
 
 def test_external_data_over_the_limit(exported, tmp_path, monkeypatch):
-    """Graphs over the 2 GB limit get external data (the limit lowered here to exercise the path)."""
+    """Graphs over the 2 GB limit get external data (the limit lowered here to exercise the path):
+    the vision graph its own .data file, prefill and decode the shared weights.bin, which replaces
+    their .data files."""
     import vpexport.export.onnx_export as ox
     from vpexport.manifest import read_manifest
     from vpexport.runtime import ArtifactRuntime
@@ -267,8 +269,10 @@ def test_external_data_over_the_limit(exported, tmp_path, monkeypatch):
     monkeypatch.setattr(ox, "TWO_GB", 1000)
     export_py(rp, tmp_path / "art")
     man = read_manifest(tmp_path / "art")
+    assert "onnx/vision.onnx.data" in man["files"] and "onnx/weights.bin" in man["files"]
+    assert not [f for f in man["files"] if f in ("onnx/prefill.onnx.data", "onnx/decode.onnx.data")]
+    assert not (tmp_path / "art" / "onnx" / "prefill.onnx.data").exists()
     for g in ("vision", "prefill", "decode"):
-        assert f"onnx/{g}.onnx.data" in man["files"]
         assert (tmp_path / "art" / "onnx" / f"{g}.onnx").stat().st_size < 1_000_000
     ids, mask, px = batch_inputs(pipe)
     got, _ = ArtifactRuntime.open(tmp_path / "art", threads=1).generate(ids.numpy(), mask.numpy(), px.numpy(), 4)
