@@ -42,6 +42,11 @@ def build_checkpoint(path: Path) -> Path:
     return path
 
 
+def checkpoint_and_eval(d: Path, n: int) -> tuple[Path, Path, Path]:
+    """(folder, a build_checkpoint folder, an n-sample eval split) in `d`: the module fixtures' set-up."""
+    return d, build_checkpoint(d / "ckpt"), make_eval(d / "data", n=n)
+
+
 def make_eval(path: Path, n: int = 6, seed: int = 0) -> Path:
     from PIL import Image
 

@@ -6,15 +6,12 @@ import json
 
 import pytest
 
-from tests.artifact_helpers import build_checkpoint, cli, make_eval, write_recipe
+from tests.artifact_helpers import checkpoint_and_eval, cli, write_recipe
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("build")
-    ckpt = build_checkpoint(d / "mini")
-    ev = make_eval(d / "data", n=4)
-    return d, ckpt, ev
+    return checkpoint_and_eval(tmp_path_factory.mktemp("build"), n=4)
 
 
 def test_build_runs_every_stage_then_reuses_them(setup):

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from tests.artifact_helpers import build_checkpoint, cli, export_py, make_eval, write_recipe
+from tests.artifact_helpers import checkpoint_and_eval, cli, export_py, write_recipe
 from vpexport.errors import RuntimeUnavailable, UserInputError
 from vpexport.model import device as dev
 
@@ -20,10 +20,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("device")
-    ckpt = build_checkpoint(d / "ckpt")
-    ev = make_eval(d / "data", n=6)
-    return d, ckpt, ev
+    return checkpoint_and_eval(tmp_path_factory.mktemp("device"), n=6)
 
 
 def _recipe(tiny, method="himap", device=None):

@@ -522,11 +522,7 @@ def _versions() -> dict:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores visible)"
-    except OSError:
-        pass
-    return f"cpu ({os.cpu_count()} cores)"
+    from vpexport.model.device import cpu_model_name
+
+    name = cpu_model_name()
+    return f"{name} ({os.cpu_count()} cores visible)" if name else f"cpu ({os.cpu_count()} cores)"

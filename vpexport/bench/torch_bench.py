@@ -11,15 +11,12 @@ their kernels finish); medians of the repetitions after the warm-up rounds.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import replace
 
+from vpexport.bench.runner import _median_ms
+
 VARIANTS = ("pruned", "unpruned")
-
-
-def _median_ms(xs: list[float]) -> float:
-    return round(statistics.median(xs) * 1e3, 3)
 
 
 def run_torch_bench(recipe, reps: int = 10, batch: int = 1, warmup: int = 2, log=print) -> dict:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from vpexport.errors import CalibrationFailed, RecipeError
 from vpexport.methods import METHODS, auto_candidates, baseline_methods
+from vpexport.model.device import pass_batch
 from vpexport.pruning.schedule import Schedule
 from vpexport.recipe.schema import DEFAULT_TOLERANCE
 
@@ -382,8 +383,6 @@ def check_images(samples, field: str) -> None:
 
 
 def _stderr(msg: str) -> None:
-    import sys
-
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -391,23 +390,6 @@ def _pipeline(recipe, log=_stderr):
     from vpexport.model.pipeline import TorchPipeline
 
     return TorchPipeline.from_recipe(recipe, Schedule("none"), log=log)
-
-
-def pass_batch(pipe, recipe, requested: int | None, log=_stderr) -> int:
-    """The batch of the PyTorch passes on the pipeline's device (`vpexport.model.device.batch_size`:
-    `requested`, else 32 on the CPU, else sized to the GPU's free memory); a GPU's choice is logged."""
-    from vpexport.accounting.memory import prefill_transient_bytes
-    from vpexport.model.device import CPU_BATCH, batch_size
-
-    dev = pipe.device_info
-    if dev is None or not dev.is_cuda:
-        return requested or CPU_BATCH
-    arch = recipe.resolve_arch()
-    per = prefill_transient_bytes(arch, recipe.layout(arch), recipe.model.dtype)
-    b = batch_size(dev, requested, per)
-    if requested is None:
-        log(f"[torch] batch {b} on {dev.torch} (~{per / 2**20:.0f} MiB per sample in a pass, half the free memory)")
-    return b
 
 
 def run_analysis(recipe, out, samples: int, batch_size: int | None = None):
@@ -422,7 +404,7 @@ def run_analysis(recipe, out, samples: int, batch_size: int | None = None):
     data = load_samples(recipe.require_data("calib"), samples, field="task.data.calib")
     check_images(data, "task.data.calib")
     pipe = _pipeline(recipe)
-    batch_size = pass_batch(pipe, recipe, batch_size)
+    batch_size = pass_batch(pipe, recipe, batch_size, _stderr)
     with progress(total=len(data), desc="encode", unit="sample") as bar:
         runner = Runner(pipe, data, recipe.task.type, batch_size, progress=bar)
     with progress(total=len(runner.batches) + runner.L, desc="analyze", unit="step") as bar:
@@ -497,7 +479,7 @@ def calibrate(recipe, out=None, batch_size: int | None = None, progress: bool = 
     eval_path = recipe.require_data("eval")
     check_images(calib, "task.data.calib")
     pipe = _pipeline(recipe)
-    batch_size = pass_batch(pipe, recipe, batch_size)
+    batch_size = pass_batch(pipe, recipe, batch_size, _stderr)
     task = recipe.task.type
     dest = artifact_dir(recipe, out)
     dest.mkdir(parents=True, exist_ok=True)

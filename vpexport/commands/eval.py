@@ -33,10 +33,10 @@ def eval_cmd(recipe_path, split, limit, batch_size, device, out, as_json):
     arch = recipe.resolve_arch()
     sched = resolve_schedule(recipe, arch, out)
     t0 = time.perf_counter()
-    from vpexport.calibrate.search import pass_batch
+    from vpexport.model.device import pass_batch
 
     pipe = TorchPipeline.from_recipe(recipe, sched, log=lambda m: click.echo(m, err=True))
-    batch_size = pass_batch(pipe, recipe, batch_size)
+    batch_size = pass_batch(pipe, recipe, batch_size, log=lambda m: click.echo(m, err=True))
     res = evaluate(lambda im, q: [a.text for a in pipe.answer(im, q)], samples, recipe.task.type, batch_size, "eval")
     flops = prefill_flops(arch, sched, recipe.layout(arch))
     result = {

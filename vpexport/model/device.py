@@ -102,21 +102,40 @@ def synchronize(device: Device) -> None:
         torch.cuda.synchronize(torch.device(device.torch))
 
 
-def _cpu_name(torch) -> str:
-    name = ""
+def cpu_model_name() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (None where it has none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{name or 'CPU'}, {torch.get_num_threads()} threads"
+    return None
+
+
+def _cpu_name(torch) -> str:
+    return f"{cpu_model_name() or 'CPU'}, {torch.get_num_threads()} threads"
 
 
 CPU_BATCH = 32  # the CPU's default batch of calibration / analysis / eval passes
 MAX_BATCH = 256
+
+
+def pass_batch(pipe, recipe, requested: int | None, log=None) -> int:
+    """The batch of a pipeline's PyTorch passes on its device: `requested`, else CPU_BATCH on the
+    CPU, else `batch_size` for one unpruned pass of the recipe's layout (logged through `log`)."""
+    from vpexport.accounting.memory import prefill_transient_bytes
+
+    dev = pipe.device_info
+    if dev is None or not dev.is_cuda:
+        return requested or CPU_BATCH
+    arch = recipe.resolve_arch()
+    per = prefill_transient_bytes(arch, recipe.layout(arch), recipe.model.dtype)
+    b = batch_size(dev, requested, per)
+    if requested is None and log is not None:
+        log(f"[torch] batch {b} on {dev.torch} (~{per / 2**20:.0f} MiB per sample in a pass, half the free memory)")
+    return b
 
 
 def batch_size(device: Device, requested: int | None, per_sample_bytes: int, memory_share: float = 0.5) -> int:
